@@ -1,0 +1,198 @@
+// Python binding of the CPU Lanczos state. Glue only: the algorithm lives in
+// include/pycurv/lanczos.hpp and the kernels in cpu/basis_cpu.cpp.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "../cpu/basis_cpu.hpp"
+#include "pycurv/lanczos.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+using pycurv::CpuBasis;
+using pycurv::Lanczos;
+using pycurv::Options;
+
+namespace {
+
+class CpuState {
+ public:
+  CpuState(const Options& o, int nritz) : basis_(o.n_local, o.ncv + 1, nritz), lz_(o, &basis_), n_(o.n_local) {}
+
+  // Zero-copy views whose base object keeps this state alive.
+  py::array view(const double* p, py::ssize_t len, py::handle self, bool writeable) const {
+    py::array a(py::dtype::of<double>(), {len}, {static_cast<py::ssize_t>(sizeof(double))}, p, self);
+    if (!writeable) py::detail::array_proxy(a.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+    return a;
+  }
+
+  void set_matvec_output(py::array_t<double, py::array::c_style | py::array::forcecast> w) {
+    if (w.size() != n_)
+      throw std::invalid_argument("matvec output has " + std::to_string(w.size()) + " entries, expected " +
+                                  std::to_string(n_));
+    out_keep_ = w;
+    lz_.set_matvec_output(w.data());
+  }
+
+  CpuBasis basis_;
+  Lanczos<CpuBasis> lz_;
+  int64_t n_;
+  py::object out_keep_ = py::none();
+};
+
+py::array_t<double> to_array(const std::vector<double>& v) {
+  py::array_t<double> a(static_cast<py::ssize_t>(v.size()));
+  std::copy(v.begin(), v.end(), a.mutable_data());
+  return a;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "pycurv compiled core: float64 thick-restart Lanczos with full reorthogonalisation (CPU).";
+
+  py::register_exception<pycurv::NonFiniteError>(m, "NonFiniteError", PyExc_FloatingPointError);
+
+  py::enum_<pycurv::Request>(m, "Request")
+      .value("MATVEC", pycurv::Request::Matvec)
+      .value("REDUCE", pycurv::Request::Reduce)
+      .value("STEP", pycurv::Request::Step)
+      .value("DONE", pycurv::Request::Done);
+
+  py::class_<CpuState>(m, "LanczosState")
+      .def(py::init([](int64_t n_local, int64_t n_global, int64_t offset, int k, int ncv, int which, double tol,
+                       int64_t max_matvecs, uint64_t seed, bool start_given, bool check_multiplicity,
+                       bool explicit_residuals, bool want_vectors, bool yield_reduce, double unit_roundoff) {
+             if (n_local < 0 || n_global < 1 || offset < 0 || offset + n_local > n_global)
+               throw std::invalid_argument("inconsistent n_local, n_global, offset");
+             if (which < 0 || which > 2) throw std::invalid_argument("which must be 0 (LA), 1 (SA) or 2 (BE)");
+             Options o;
+             o.n_local = n_local;
+             o.n_global = n_global;
+             o.offset = offset;
+             o.k = k;
+             o.ncv = ncv;
+             o.which = static_cast<pycurv::Which>(which);
+             o.tol = tol;
+             o.max_matvecs = max_matvecs;
+             o.seed = seed;
+             o.start_given = start_given;
+             o.check_multiplicity = check_multiplicity;
+             o.explicit_residuals = explicit_residuals;
+             o.want_vectors = want_vectors;
+             o.yield_reduce = yield_reduce;
+             o.unit_roundoff = unit_roundoff;
+             const int nritz = want_vectors ? k : (explicit_residuals ? 1 : 0);
+             return new CpuState(o, nritz);
+           }),
+           py::kw_only(), py::arg("n_local"), py::arg("n_global"), py::arg("offset"), py::arg("k"), py::arg("ncv"),
+           py::arg("which"), py::arg("tol"), py::arg("max_matvecs"), py::arg("seed"), py::arg("start_given"),
+           py::arg("check_multiplicity"), py::arg("explicit_residuals"), py::arg("want_vectors"),
+           py::arg("yield_reduce"), py::arg("unit_roundoff"))
+      .def(
+          "advance",
+          [](CpuState& s) {
+            py::gil_scoped_release release;
+            return s.lz_.advance();
+          },
+          "Run until the next request; returns a Request.")
+      .def("start_vector",
+           [](py::object self) {
+             CpuState& s = self.cast<CpuState&>();
+             return s.view(s.basis_.slot(0), s.n_, self, true);
+           })
+      .def("matvec_input",
+           [](py::object self) {
+             CpuState& s = self.cast<CpuState&>();
+             return s.view(s.lz_.matvec_input(), s.n_, self, false);
+           })
+      .def("set_matvec_output", &CpuState::set_matvec_output, py::arg("w"))
+      .def("reduce_buffer",
+           [](py::object self) {
+             CpuState& s = self.cast<CpuState&>();
+             return s.view(s.lz_.reduce_buffer(), s.lz_.reduce_size(), self, true);
+           })
+      .def("stop", [](CpuState& s) { s.lz_.stop(); })
+      .def("basis",
+           [](py::object self, int count) {
+             CpuState& s = self.cast<CpuState&>();
+             if (count < 0 || count > s.basis_.slots()) throw std::invalid_argument("count out of range");
+             py::array a(py::dtype::of<double>(), {static_cast<py::ssize_t>(count), static_cast<py::ssize_t>(s.n_)},
+                         {static_cast<py::ssize_t>(s.n_ * sizeof(double)), static_cast<py::ssize_t>(sizeof(double))},
+                         s.basis_.slot(0), self);
+             py::detail::array_proxy(a.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+             return a;
+           },
+           py::arg("count"), "Read-only view of the first `count` basis vectors (rows).")
+      .def("eigenvectors",
+           [](CpuState& s) {
+             const int nv = s.lz_.n_vectors();
+             if (!s.lz_.vectors_ready()) throw std::runtime_error("eigenvectors were not computed");
+             py::array_t<double> a({static_cast<py::ssize_t>(nv), static_cast<py::ssize_t>(s.n_)});
+             for (int i = 0; i < nv; ++i)
+               std::copy(s.basis_.ritz(i), s.basis_.ritz(i) + s.n_, a.mutable_data() + static_cast<int64_t>(i) * s.n_);
+             return a;
+           },
+           "Copy of the Ritz vectors, one per row, wanted end first.")
+      .def_property_readonly("status", [](CpuState& s) { return static_cast<int>(s.lz_.status()); })
+      .def_property_readonly("n_matvecs", [](CpuState& s) { return s.lz_.n_matvecs(); })
+      .def_property_readonly("n_restarts", [](CpuState& s) { return s.lz_.n_restarts(); })
+      .def_property_readonly("n_breakdowns", [](CpuState& s) { return s.lz_.n_breakdowns(); })
+      .def_property_readonly("n_pass3", [](CpuState& s) { return s.lz_.n_pass3(); })
+      .def_property_readonly("n_verify_rounds", [](CpuState& s) { return s.lz_.n_verify_rounds(); })
+      .def_property_readonly("basis_size", [](CpuState& s) { return s.lz_.basis_size(); })
+      .def_property_readonly("n_locked", [](CpuState& s) { return s.lz_.n_locked(); })
+      .def_property_readonly("anorm", [](CpuState& s) { return s.lz_.anorm(); })
+      .def_property_readonly("noise_level", [](CpuState& s) { return s.lz_.noise_level(); })
+      .def_property_readonly("asymmetry", [](CpuState& s) { return s.lz_.asymmetry(); })
+      .def_property_readonly("max_h2_ratio", [](CpuState& s) { return s.lz_.max_h2_ratio(); })
+      .def_property_readonly("residuals_explicit", [](CpuState& s) { return s.lz_.residuals_explicit(); })
+      .def("values", [](CpuState& s) { return to_array(s.lz_.values()); })
+      .def("residuals", [](CpuState& s) { return to_array(s.lz_.residuals()); })
+      .def("ritz_values", [](CpuState& s) { return to_array(s.lz_.ritz_values()); })
+      .def("set_unit_roundoff", [](CpuState& s, double u) { s.lz_.set_unit_roundoff(u); }, py::arg("u"))
+      .def("current_values", [](CpuState& s) { return to_array(s.lz_.current_values()); })
+      .def("current_residuals", [](CpuState& s) { return to_array(s.lz_.current_residuals()); })
+      .def("history", [](CpuState& s) {
+        py::dict d;
+        d["n_matvecs"] = to_array(s.lz_.hist_matvecs());
+        d["value"] = to_array(s.lz_.hist_value());
+        d["residual"] = to_array(s.lz_.hist_residual());
+        return d;
+      });
+
+  m.def("build_info", []() {
+    py::dict d;
+#ifdef _OPENMP
+    d["openmp"] = true;
+    d["max_threads"] = omp_get_max_threads();
+#else
+    d["openmp"] = false;
+    d["max_threads"] = 1;
+#endif
+#if defined(__clang__)
+    d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+    d["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+    d["compiler"] = std::string("unknown");
+#endif
+    d["cxx_standard"] = static_cast<long>(__cplusplus);
+    return d;
+  });
+
+  m.def(
+      "set_num_threads",
+      [](int n) {
+        if (n < 1) throw std::invalid_argument("the number of threads must be >= 1");
+#ifdef _OPENMP
+        omp_set_num_threads(n);
+#endif
+      },
+      py::arg("n"), "Threads used by the CPU kernels (OpenMP); no effect without OpenMP.");
+}

@@ -1,0 +1,58 @@
+// The Krylov basis in host memory and the memory-bound kernels on it.
+//
+// Every kernel that reduces (dot products, norms) sums over fixed chunks of
+// rows and adds the chunk sums in chunk order, so results are bit-identical
+// whatever the number of OpenMP threads. Sums returned here are local to this
+// process; the Lanczos state asks its driver to all-reduce them (REDUCE).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+namespace pycurv {
+
+class CpuBasis {
+ public:
+  // n: rows held here; nslots: basis vectors (ncv + 1); nritz: Ritz-vector buffers.
+  CpuBasis(int64_t n, int nslots, int nritz);
+
+  int64_t rows() const { return n_; }
+  int slots() const { return nslots_; }
+  int ritz_slots() const { return nritz_; }
+  double* slot(int i) { return data_.get() + static_cast<int64_t>(i) * n_; }
+  const double* slot(int i) const { return data_.get() + static_cast<int64_t>(i) * n_; }
+  double* ritz(int r) { return ritz_.get() + static_cast<int64_t>(r) * n_; }
+  const double* ritz(int r) const { return ritz_.get() + static_cast<int64_t>(r) * n_; }
+
+  // Pass 1. If src is given it is first copied into slot w (fused with the
+  // dots). out[i] = <V_i, w> for i < nv; out[nv] = <w, w>.
+  void dots(const double* src, int w, int nv, double* out);
+  // Pass 2. w -= V[0:nv] h, then out[i] = <V_i, w>, out[nv] = <w, w>; the
+  // second read of each row block of V comes from cache.
+  void update_dots(int w, int nv, const double* h, double* out);
+  // Pass 3. w -= V[0:nv] h; out[0] = <w, w>.
+  void update_norm(int w, int nv, const double* h, double* out);
+  void scale(int w, double a);
+  // Slot w <- normal random vector: entry i is normal_at(key, offset + i).
+  void random_normal(int w, uint64_t key, int64_t offset);
+  // In place: slots [0, nnew) <- slots [0, nold) * C, C column-major nold x nnew.
+  void combine(int nold, const double* C, int nnew);
+  // Ritz buffer r <- slots [0, nold) * s.
+  void ritz_vector(int nold, const double* s, int r);
+  // out[0] = |w - theta * ritz_r|^2 with w an external vector of this process's rows.
+  void residual(const double* w, int r, double theta, double* out);
+
+ private:
+  int64_t chunks() const;
+  void sum_chunks(int width, double* out) const;
+
+  int64_t n_;
+  int nslots_;
+  int nritz_;
+  std::unique_ptr<double[]> data_;
+  std::unique_ptr<double[]> ritz_;
+  std::vector<double> partial_;
+};
+
+}  // namespace pycurv
