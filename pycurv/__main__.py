@@ -1,0 +1,7 @@
+"""``python -m pycurv`` is the ``pycurv`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

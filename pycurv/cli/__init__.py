@@ -1,0 +1,44 @@
+"""The ``pycurv`` command: thin subcommands over the library.
+
+``--json`` writes strict JSON to stdout; progress and logs go to stderr; bad
+arguments exit with status 2 and one line on stderr, never a traceback.
+Each subcommand lives in its own module with ``register(subparsers)``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from ._common import CliError, Parser, run_command
+
+# Subcommand modules, in the order they are listed by --help.
+_COMMANDS = ("demo", "info")
+
+
+def build_parser() -> Parser:
+    import importlib
+
+    from .. import __version__
+
+    parser = Parser(
+        prog="pycurv",
+        description="Sharpness of a loss and the training-stability bounds it implies.",
+    )
+    parser.add_argument("--version", action="version", version=f"pycurv {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for name in _COMMANDS:
+        importlib.import_module(f"{__name__}.{name}").register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return run_command(args.func, args, prog=f"pycurv {args.command}")
+
+
+__all__ = ["main", "build_parser", "CliError"]

@@ -1,0 +1,75 @@
+"""``pycurv info``: versions, build flags and CUDA availability, for bug reports."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from importlib import metadata
+
+from ._common import emit_json
+
+_OPTIONAL = ("numpy", "scipy", "torch", "jax", "jaxlib", "cupy", "matplotlib")
+
+
+def register(sub):
+    p = sub.add_parser("info", help="versions, build flags and CUDA availability")
+    p.add_argument("--json", action="store_true", help="strict JSON on stdout")
+    p.set_defaults(func=run)
+
+
+def _version(dist: str):
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        if dist == "cupy":
+            for name in ("cupy-cuda12x", "cupy-cuda13x", "cupy-cuda11x"):
+                try:
+                    return metadata.version(name)
+                except metadata.PackageNotFoundError:
+                    pass
+        return None
+
+
+def collect() -> dict:
+    from .. import __version__
+    from .._native import build_info
+
+    info = {
+        "pycurv": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "build": build_info(),
+        "packages": {name: _version(name) for name in _OPTIONAL},
+    }
+    info.update(cuda_status())
+    return info
+
+
+def cuda_status() -> dict:
+    """cuda_compiled: the CUDA module was built; cuda_devices: GPUs it can see."""
+    try:
+        from .. import _cuda  # noqa: F401
+    except ImportError:
+        return {"cuda_compiled": False, "cuda_devices": []}
+    try:
+        devices = list(_cuda.devices())
+    except Exception as exc:  # noqa: BLE001 - a driver problem is reported, not raised
+        return {"cuda_compiled": True, "cuda_devices": [], "cuda_error": str(exc)}
+    return {"cuda_compiled": True, "cuda_devices": devices}
+
+
+def run(args) -> int:
+    info = collect()
+    if args.json:
+        emit_json(info)
+        return 0
+    w = sys.stdout.write
+    w(f"pycurv {info['pycurv']}  (Python {info['python']}, {info['platform']})\n")
+    b = info["build"]
+    w(f"  core: {b['compiler']}, OpenMP {'on' if b['openmp'] else 'off'} ({b['max_threads']} threads)\n")
+    devs = info["cuda_devices"]
+    w(f"  CUDA: {'compiled' if info['cuda_compiled'] else 'not compiled'}; "
+      f"devices: {', '.join(d['name'] if isinstance(d, dict) else str(d) for d in devs) or 'none'}\n")
+    for name, ver in info["packages"].items():
+        w(f"  {name:<11s}{ver or '-'}\n")
+    return 0

@@ -1,0 +1,291 @@
+"""The Lanczos driver: owns the matvec, answers the compiled state's requests.
+
+The compiled state (``pycurv._core.LanczosState``) holds the float64 Krylov
+basis and does all O(n * ncv) work; this module validates input, hands basis
+vectors to the user's operator as zero-copy read-only views, checks what comes
+back, and assembles the result record.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Callable, Optional
+
+import numpy as np
+
+from . import _checks
+from ._native import DONE, MATVEC, REDUCE, STATUS, STEP, WHICH_CODE, core
+from .errors import ConvergenceWarning, NoConvergence, NonFiniteMatvecError
+from .operators import as_operator, unit_roundoff
+from .results import History, LanczosProgress, LanczosResult
+
+__all__ = ["lanczos", "sharpness"]
+
+
+def lanczos(
+    A,
+    k: int = 1,
+    *,
+    which: str = "LA",
+    tol: float = 1e-6,
+    ncv: Optional[int] = None,
+    max_matvecs: Optional[int] = None,
+    v0=None,
+    seed=None,
+    return_eigenvectors: bool = True,
+    callback: Optional[Callable[[LanczosProgress], Optional[bool]]] = None,
+    n: Optional[int] = None,
+    check_multiplicity: Optional[bool] = None,
+) -> LanczosResult:
+    """Extreme eigenvalues of a symmetric operator from matrix-vector products.
+
+    Thick-restart Lanczos with a float64 basis and full reorthogonalisation
+    (classical Gram-Schmidt twice), in the compiled core.
+
+    Parameters
+    ----------
+    A : array, sparse matrix, LinearOperator, pycurv operator, or callable
+        The symmetric operator. A callable ``f(x) -> A @ x`` needs ``n=``.
+        ``matvec`` receives a read-only float64 vector of length n.
+    k : int
+        Number of eigenvalues wanted, 1 <= k <= n.
+    which : {"LA", "SA", "BE"}
+        Largest algebraic (default), smallest algebraic, or both ends (k // 2
+        from the bottom, the rest from the top). Never largest magnitude: the
+        sharpness of a loss is its largest *algebraic* Hessian eigenvalue.
+    tol : float
+        Relative residual tolerance: a pair (theta, y) is converged when
+        ``||A y - theta y|| <= tol * max(|theta|, ||A||_est)``, with
+        ``||A||_est`` the largest |Ritz value| seen.
+    ncv : int, optional
+        Basis vectors kept (memory: 8 * n * (ncv + 1) bytes). Default
+        ``min(n, max(2k + 1, 20))``; must satisfy k + 2 <= ncv <= n (ncv = n
+        when k >= n - 1).
+    max_matvecs : int, optional
+        Budget of products for the Lanczos steps (default ``max(1000, 30 ncv)``).
+        The final residual check adds up to k products.
+    v0 : array of shape (n,), optional
+        Start vector (e.g. the previous Ritz vector, to warm-start). Default:
+        a random vector from ``seed``.
+    seed : int or numpy.random.Generator, optional
+        Seed of the random start and restart vectors. Same seed, same operator:
+        bit-identical results. Drawn from OS entropy if None (recorded in the result).
+    return_eigenvectors : bool
+        Whether to return the Ritz vectors.
+    callback : callable, optional
+        Called after each Lanczos step with a :class:`LanczosProgress`;
+        returning True stops the solver (status ``"stopped"``).
+    n : int, optional
+        Dimension, required when ``A`` is a plain callable.
+    check_multiplicity : bool, optional
+        A single Krylov space holds one copy of a repeated eigenvalue. When
+        True (the default for k >= 2) the converged pairs are locked and a new
+        random search in their orthogonal complement must not find anything
+        that belongs to the wanted set; this costs roughly one more solve.
+
+    Returns
+    -------
+    LanczosResult
+        A warning (:class:`pycurv.ConvergenceWarning`) is issued if the result
+        did not converge; ``result.converged`` and ``result.status`` say why.
+    """
+    op = as_operator(A, n=n)
+    N = op.shape[0]
+    k = _checks.check_k(k, N)
+    which = _checks.check_which(which)
+    tol = _checks.check_tol(tol)
+    ncv = _checks.check_ncv(ncv, k, N)
+    max_matvecs = _checks.check_max_matvecs(max_matvecs, ncv, k)
+    v0 = None if v0 is None else _checks.check_v0(v0, N)
+    seed = _checks.check_seed(seed)
+    if check_multiplicity is None:
+        check_multiplicity = k >= 2
+    state = core.LanczosState(
+        n_local=N,
+        n_global=N,
+        offset=0,
+        k=k,
+        ncv=ncv,
+        which=WHICH_CODE[which],
+        tol=tol,
+        max_matvecs=max_matvecs,
+        seed=seed,
+        start_given=v0 is not None,
+        check_multiplicity=bool(check_multiplicity),
+        explicit_residuals=not op.exact,
+        want_vectors=bool(return_eigenvectors),
+        yield_reduce=False,
+        unit_roundoff=op.unit_roundoff if op.dtype is not None else 2.0**-53,
+    )
+    if v0 is not None:
+        state.start_vector()[:] = v0
+    timing = drive(state, op.matvec, N, learn_dtype=op.dtype is None, callback=callback)
+    result = collect(state, timing, which=which, tol=tol, ncv=ncv, seed=seed, max_matvecs=max_matvecs,
+                     want_vectors=return_eigenvectors)
+    if not result.converged:
+        warnings.warn(result.message, ConvergenceWarning, stacklevel=2)
+    return result
+
+
+def sharpness(A, **kwargs) -> float:
+    """The largest algebraic eigenvalue of ``A`` (the sharpness, lambda_1, of a Hessian).
+
+    Takes the keyword arguments of :func:`lanczos` except ``k``, ``which`` and
+    ``return_eigenvectors``. Raises :class:`pycurv.NoConvergence` (carrying the
+    best estimate in ``.result``) if ``tol`` is not met.
+    """
+    for bad in ("k", "which", "return_eigenvectors"):
+        if bad in kwargs:
+            raise TypeError(f"sharpness() computes the largest algebraic eigenvalue; it takes no {bad}=")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        res = lanczos(A, 1, which="LA", return_eigenvectors=False, **kwargs)
+    if not res.converged:
+        raise NoConvergence(res.message, result=res)
+    return float(res.eigenvalues[0])
+
+
+def drive(state, matvec: Callable, n_local: int, *, reduce: Optional[Callable] = None,
+          learn_dtype: bool = False, callback=None) -> dict:
+    """Answers the state's requests until it is done; returns the time spent.
+
+    ``reduce(buffer)`` sums a float64 buffer over processes in place (None: one
+    process). Exceptions raised by ``matvec`` propagate unchanged.
+    """
+    t_start = time.perf_counter()
+    t_mv = 0.0
+    t_core = 0.0
+    count = 0
+    y = None
+    while True:
+        t0 = time.perf_counter()
+        try:
+            req = int(state.advance())
+        except core.NonFiniteError:
+            t_core += time.perf_counter() - t0
+            raise _nonfinite(y, count) from None
+        t_core += time.perf_counter() - t0
+        if req == MATVEC:
+            x = state.matvec_input()
+            t0 = time.perf_counter()
+            y = matvec(x)
+            t_mv += time.perf_counter() - t0
+            count += 1
+            y = _checks.matvec_output(y, n_local, count)
+            if learn_dtype and count == 1:
+                state.set_unit_roundoff(unit_roundoff(y.dtype))
+            state.set_matvec_output(y)
+        elif req == REDUCE:
+            if reduce is not None:
+                reduce(state.reduce_buffer())
+        elif req == STEP:
+            if callback is not None:
+                info = LanczosProgress(int(state.n_matvecs), state.current_values(), state.current_residuals())
+                if callback(info) is True:
+                    state.stop()
+        elif req == DONE:
+            break
+        else:  # pragma: no cover - the core only issues the four requests
+            raise RuntimeError(f"unknown request {req} from the Lanczos state")
+    return {"matvec": t_mv, "core": t_core, "total": time.perf_counter() - t_start}
+
+
+def _nonfinite(y, count: int) -> NonFiniteMatvecError:
+    if y is not None:
+        arr = np.asarray(y)
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        if bad:
+            return NonFiniteMatvecError(
+                f"matvec call {count} returned {bad} non-finite values (NaN or Inf) out of {arr.size}; "
+                "the operator must be finite (look for NaN parameters or an overflowing loss)",
+                matvec=count,
+            )
+        return NonFiniteMatvecError(
+            f"matvec call {count} returned values whose norm overflows float64 "
+            f"(max |A v| = {float(np.max(np.abs(arr))):.3g}); rescale the operator",
+            matvec=count,
+        )
+    return NonFiniteMatvecError(f"matvec call {count} returned non-finite values", matvec=count)
+
+
+def collect(state, timing: dict, *, which: str, tol: float, ncv: int, seed: int, max_matvecs: int,
+            want_vectors: bool) -> LanczosResult:
+    """Builds the result record from a finished state."""
+    values = np.asarray(state.values(), dtype=np.float64)
+    res = np.asarray(state.residuals(), dtype=np.float64)
+    status = STATUS.get(int(state.status), "unknown")
+    anorm = float(state.anorm)
+    vecs = None
+    if want_vectors:
+        vecs = np.asarray(state.eigenvectors()).T  # (n, k), column i <-> eigenvalue i
+    bounds = _error_bounds(values, res, np.asarray(state.ritz_values()))
+    rel = _relative(res, values, anorm)
+    message = _message(status, rel, tol, max_matvecs, float(state.noise_level), int(state.n_matvecs))
+    h = state.history()
+    return LanczosResult(
+        eigenvalues=values,
+        eigenvectors=vecs,
+        residual_norms=res,
+        error_bounds=bounds,
+        n_matvecs=int(state.n_matvecs),
+        converged=status == "converged",
+        status=status,
+        message=message,
+        which=which,
+        tol=tol,
+        ncv=ncv,
+        seed=seed,
+        n_restarts=int(state.n_restarts),
+        n_breakdowns=int(state.n_breakdowns),
+        n_verify_rounds=int(state.n_verify_rounds),
+        residuals_explicit=bool(state.residuals_explicit),
+        anorm_estimate=anorm,
+        noise_level=float(state.noise_level),
+        asymmetry=float(state.asymmetry) / anorm if anorm > 0 else 0.0,
+        orthogonality=float(state.max_h2_ratio),
+        time_matvec=timing["matvec"],
+        time_core=timing["core"],
+        time_total=timing["total"],
+        history=History(np.asarray(h["n_matvecs"], dtype=np.int64), np.asarray(h["value"]),
+                        np.asarray(h["residual"])),
+    )
+
+
+def _relative(res: np.ndarray, values: np.ndarray, anorm: float) -> np.ndarray:
+    scale = np.maximum(np.abs(values), anorm)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(scale > 0, res / np.where(scale > 0, scale, 1.0), np.where(res > 0, np.inf, 0.0))
+
+
+def _error_bounds(values: np.ndarray, res: np.ndarray, ritz: np.ndarray) -> np.ndarray:
+    out = res.copy()
+    for i, (v, r) in enumerate(zip(values, res)):
+        others = np.abs(ritz - v)
+        others = np.delete(others, int(np.argmin(others))) if others.size else others
+        gap = float(np.min(others)) if others.size else np.inf
+        if gap > 0:
+            out[i] = min(r, r * r / gap)
+    return out
+
+
+def _message(status: str, rel: np.ndarray, tol: float, max_matvecs: int, noise: float, n_mv: int) -> str:
+    worst = float(np.max(rel)) if rel.size else float("nan")
+    if status == "converged":
+        return f"converged: largest relative residual {worst:.2g} <= tol={tol:g} after {n_mv} matvecs"
+    if status == "max_matvecs":
+        return (
+            f"did not converge within max_matvecs={max_matvecs}: largest relative residual {worst:.2g} > "
+            f"tol={tol:g}; these are the best estimates (converged=False). Increase max_matvecs or ncv, "
+            "or loosen tol"
+        )
+    if status == "noise_floor":
+        return (
+            f"stopped at the operator's noise floor: relative residual {worst:.2g} cannot reach tol={tol:g} "
+            f"because A @ v itself carries errors of about {noise:.2g} * ||A|| (low-precision arithmetic, "
+            "or an operator that is not exactly symmetric or deterministic); the eigenvalues are the best "
+            f"this operator allows. Loosen tol to about {max(noise, worst) * 10:.0e}, or compute A @ v in float64"
+        )
+    if status == "stopped":
+        return f"stopped by the callback after {n_mv} matvecs (largest relative residual {worst:.2g})"
+    return f"finished with status {status!r}"
