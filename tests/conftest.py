@@ -1,0 +1,24 @@
+import pathlib
+
+import numpy as np
+import pytest
+
+import pycurv
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def pytest_report_header(config):
+    info = pycurv.build_info()
+    return f"pycurv {pycurv.__version__} from {pathlib.Path(pycurv.__file__).parent} ({info['compiler']}, openmp={info['openmp']})"
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def repo_root():
+    return ROOT
+
