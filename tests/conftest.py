@@ -1,9 +1,18 @@
+import importlib.util
 import pathlib
 
 import numpy as np
 import pytest
 
 import pycurv
+
+if importlib.util.find_spec("torch") is not None:
+    import torch
+
+    # The adapter tests use models of a few hundred parameters: torch's thread pool
+    # only adds synchronisation, and on a loaded machine its spinning barriers make
+    # single products take 100x longer.
+    torch.set_num_threads(1)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,180 @@
+"""What the torch and JAX adapters share: the operator base class, the determinism probe,
+batch weighting and tolerance defaults. No framework is imported here.
+
+A framework adapter subclasses :class:`HVPOperator` and provides four things:
+``hvp(v)`` on a flat vector in the framework's own array type (on the model's
+device, in the HVP's dtype), ``_from_numpy`` / ``_to_numpy`` (the one place
+where a float64 NumPy vector crosses into the framework and back), and
+``_rel_diff`` for the probe. Everything the Lanczos driver sees is the
+float64 ``matvec`` built on those.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from .errors import NonDeterministicOperatorError
+from .operators import Operator, unit_roundoff
+
+MODES = ("eval", "batch_stats", "train")
+REDUCTIONS = ("mean", "sum")
+
+
+def default_tol(dtype) -> float:
+    """Residual tolerance that a HVP in ``dtype`` can reach with room to spare.
+
+    sqrt(unit roundoff), clamped to [1e-6, 1e-2]: 1e-6 for float64, 2.4e-4 for
+    float32, 1e-2 for bfloat16/float16. The eigenvalue error is about
+    residual**2 / gap, far below the residual itself once the top eigenvalue is
+    separated from the rest.
+    """
+    return float(min(1e-2, max(1e-6, math.sqrt(unit_roundoff(dtype)))))
+
+
+def default_probe_rtol(dtype) -> float:
+    """Largest relative difference between two HVPs of one vector taken as rounding.
+
+    1000 unit roundoffs (reduction order on GPUs, threads), at most 1e-2.
+    """
+    return float(min(1e-2, 1e3 * unit_roundoff(dtype)))
+
+
+def check_mode(mode) -> str:
+    if mode not in MODES:
+        raise ValueError(
+            f"mode must be one of 'eval' (dropout off, running statistics), 'batch_stats' "
+            f"(normalisation layers use each batch's statistics) or 'train' (every layer in training "
+            f"mode, dropout on), got mode={mode!r}"
+        )
+    return mode
+
+
+def check_reduction(reduction) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(
+            f"reduction must be 'mean' (loss_fn averages over its batch) or 'sum' (loss_fn sums over "
+            f"its batch), got reduction={reduction!r}"
+        )
+    return reduction
+
+
+def batch_weight(reduction: str, n_b: int) -> float:
+    """Weight of one batch's loss in ``sum_b w_b L_b`` before dividing by the sample count.
+
+    With ``reduction="mean"`` a batch of n_b samples counts n_b times, so that the
+    total over batches, divided by N = sum n_b, is the mean over all samples.
+    """
+    return float(n_b) if reduction == "mean" else 1.0
+
+
+def check_one_shot(data, name: str = "data"):
+    """Rejects iterators that can be consumed only once: each HVP passes over the data again."""
+    try:
+        it = iter(data)
+    except TypeError:
+        return
+    if it is data:
+        raise TypeError(
+            f"{name} is a one-shot iterator ({type(data).__name__}); every Hessian-vector product "
+            f"passes over the data again, so pass a list of batches or a re-iterable such as a DataLoader"
+        )
+
+
+class HVPOperator(Operator):
+    """Base class of the framework adapters' Hessian operators.
+
+    ``matvec`` takes a read-only float64 NumPy vector and returns a float64
+    NumPy vector; ``hvp`` is the same product in the framework's arrays.
+
+    Attributes
+    ----------
+    n_hvps : int
+        Hessian-vector products computed so far (each is one pass over the data),
+        including the determinism probe's.
+    n_samples : int or None
+        Samples in the data set (known after the first pass).
+    """
+
+    exact = False
+    framework = "?"
+
+    def __init__(self, *, check_determinism: bool, probe_rtol: Optional[float]):
+        self.n_hvps = 0
+        self.n_samples = None
+        self._probe_pending = bool(check_determinism)
+        self.probe_rtol = default_probe_rtol(self.dtype) if probe_rtol is None else float(probe_rtol)
+        self.last_probe = None
+
+    # -- to be provided by the framework adapter ---------------------------
+    def hvp(self, v):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _from_numpy(self, x):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _to_numpy(self, y) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _rel_diff(self, a, b) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- the float64 NumPy boundary ----------------------------------------
+    def matvec(self, x):
+        """``A @ x`` for a float64 vector: cast to the HVP's dtype on its device, and back.
+
+        With ``check_determinism`` the first call computes the product twice and
+        raises :class:`pycurv.NonDeterministicOperatorError` if they differ.
+        """
+        v = self._from_numpy(x)
+        y = self.hvp(v)
+        if self._probe_pending:
+            self._probe_pending = False
+            self._compare(y, self.hvp(v))
+        return self._to_numpy(y)
+
+    def check_determinism(self, v=None, *, rtol: Optional[float] = None, seed: int = 0) -> float:
+        """Applies the operator twice to one vector; raises if the two products differ.
+
+        Parameters
+        ----------
+        v : float64 array of shape (n,), optional
+            The vector (default: a random one from ``seed``).
+        rtol : float, optional
+            Largest accepted ``||y1 - y2|| / ||y1||`` (default :attr:`probe_rtol`,
+            1000 unit roundoffs of the HVP's dtype, at most 1e-2).
+
+        Returns
+        -------
+        float
+            The relative difference found.
+        """
+        if v is None:
+            v = np.random.default_rng(seed).standard_normal(self.shape[0])
+        v = np.asarray(v, dtype=np.float64)
+        if v.shape != (self.shape[0],):
+            raise ValueError(f"v must have shape ({self.shape[0]},), got shape {v.shape}")
+        t = self._from_numpy(v)
+        return self._compare(self.hvp(t), self.hvp(t), rtol=rtol)
+
+    def _compare(self, y1, y2, rtol: Optional[float] = None) -> float:
+        rtol = self.probe_rtol if rtol is None else float(rtol)
+        diff = float(self._rel_diff(y1, y2))
+        self.last_probe = diff
+        if not diff <= rtol:  # also catches NaN
+            raise NonDeterministicOperatorError(
+                f"two Hessian-vector products of the same vector differ by {diff:.3g} relative "
+                f"(more than the {rtol:.2g} that {self.dtype} rounding allows): the loss is not a fixed "
+                f"function of the parameters. {self._nondeterminism_advice()}"
+            )
+        return diff
+
+    def _nondeterminism_advice(self) -> str:
+        return (
+            "Random layers (dropout) or batch statistics that change between passes, or data that changes "
+            "between passes (shuffling with drop_last, random augmentation), cause this. Use mode='eval' "
+            "(the default) or mode='batch_stats', pass seed= to draw the same dropout masks in every "
+            "product, and make the data deterministic; or pass check_determinism=False to accept it."
+        )

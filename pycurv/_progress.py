@@ -1,0 +1,85 @@
+"""A one-line progress display on stderr for long measurements, and the measurement itself.
+
+The line appears only when stderr is a terminal and the measurement has run for
+more than ``delay`` seconds, so scripts, pipes, CI logs and tests see nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from typing import Optional
+
+from ._adapter import default_tol
+
+
+class Progress:
+    """``callback`` for :func:`pycurv.lanczos` that redraws one stderr line.
+
+    Parameters
+    ----------
+    label : str
+        What is measured (e.g. ``"sharpness"``).
+    enabled : bool, optional
+        Default: ``sys.stderr.isatty()``.
+    delay : float
+        Seconds before the line is first drawn.
+    """
+
+    def __init__(self, label: str = "sharpness", *, enabled: Optional[bool] = None, delay: float = 1.0,
+                 stream=None):
+        self.stream = sys.stderr if stream is None else stream
+        if enabled is None:
+            isatty = getattr(self.stream, "isatty", None)
+            enabled = bool(isatty and isatty())
+        self.enabled = enabled
+        self.label = label
+        self.delay = delay
+        self._t0 = time.perf_counter()
+        self._drawn = False
+        self._last = 0.0
+
+    def __call__(self, info) -> None:
+        if not self.enabled:
+            return None
+        now = time.perf_counter()
+        if now - self._t0 < self.delay or now - self._last < 0.1:
+            return None
+        self._last = now
+        val = info.eigenvalues[0] if len(info.eigenvalues) else float("nan")
+        res = info.residual_norms[0] if len(info.residual_norms) else float("nan")
+        rel = res / abs(val) if val else float("nan")
+        self.stream.write(f"\r{self.label}: {val:.6g}  residual {rel:.1e}  {info.n_matvecs} HVPs  "
+                          f"{now - self._t0:.0f}s ")
+        self.stream.flush()
+        self._drawn = True
+        return None
+
+    def close(self) -> None:
+        if self._drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self._drawn = False
+
+
+def measure_top(op, *, tol=None, seed=0, v0=None, max_matvecs=None, progress=None, which: str = "LA",
+                label: str = "sharpness"):
+    """One Lanczos solve for the top (``which="LA"``) or bottom eigenpair of an adapter operator.
+
+    ``tol=None`` picks :func:`pycurv._adapter.default_tol` of the operator's dtype.
+    Never warns: the result's ``converged``/``status`` say how it ended.
+    """
+    from .errors import ConvergenceWarning
+    from .lanczos import lanczos
+
+    if tol is None:
+        tol = default_tol(op.dtype)
+    bar = Progress(label, enabled=progress)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return lanczos(op, 1, which=which, tol=tol, seed=seed, v0=v0, max_matvecs=max_matvecs,
+                           callback=bar if bar.enabled else None)
+    finally:
+        bar.close()
