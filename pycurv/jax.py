@@ -1,0 +1,443 @@
+"""Hessians of JAX losses as pycurv operators.
+
+``hessian(loss_fn, params, data)`` returns an operator whose ``matvec`` is the
+Hessian-vector product of ``loss_fn(params, batch)`` (mean over all samples of
+``data``) with respect to the raveled parameters, for :func:`pycurv.lanczos`
+and :func:`pycurv.sharpness`::
+
+    import pycurv, pycurv.jax
+    H = pycurv.jax.hessian(loss_fn, params, (x, y))
+    lam1 = pycurv.sharpness(H, tol=1e-4, seed=0)
+
+Each product is ``jax.jit(jax.jvp(jax.grad(f)))`` (forward-over-reverse) of
+``f(flat) = loss_fn(unravel(flat), batch)`` with ``jax.flatten_util.ravel_pytree``;
+``params`` may be any pytree of floating-point arrays. Products run on the
+parameters' device in their dtype (float32 without ``jax_enable_x64``), or in
+``dtype=`` when asked; only the float64 Lanczos vector crosses to the host.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Iterator, Optional, Tuple
+
+import numpy as np
+
+from ._optional import require
+
+jax = require("jax", "pycurv.jax")
+
+import jax.numpy as jnp  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
+
+from . import _adapter  # noqa: E402
+from ._adapter import HVPOperator  # noqa: E402
+
+__all__ = ["hessian", "sharpness", "HessianOperator", "adam_preconditioner", "find_adam_state"]
+
+
+def _x64() -> bool:
+    return bool(jax.config.jax_enable_x64)
+
+
+def _resolve_dtype(dtype, params_dtype):
+    if dtype is None:
+        return jnp.dtype(params_dtype)
+    try:
+        dt = jnp.dtype(str(dtype).replace("jnp.", "").replace("jax.numpy.", ""))
+    except TypeError:
+        raise ValueError(f"dtype must be a floating-point dtype such as 'float32' or 'float64', got dtype={dtype!r}") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"dtype must be a floating-point dtype such as 'float32' or 'float64', got dtype={dtype!r}")
+    if dt == jnp.float64 and not _x64():
+        raise ValueError(
+            "dtype='float64' needs 64-bit JAX: call jax.config.update('jax_enable_x64', True) before building "
+            "the operator (without it JAX computes in float32)"
+        )
+    return dt
+
+
+def _leading(batch) -> Optional[int]:
+    for leaf in jax.tree_util.tree_leaves(batch):
+        shape = getattr(leaf, "shape", ())
+        if len(shape) > 0:
+            return int(shape[0])
+    return None
+
+
+def _is_batch_list(data) -> bool:
+    """Several batches: a list, or a re-iterable that is not itself a pytree node (tuple, dict, array)."""
+    if isinstance(data, list):
+        return True
+    if isinstance(data, (tuple, dict)) or hasattr(data, "shape"):
+        return False
+    leaves, treedef = jax.tree_util.tree_flatten(data)
+    if treedef.num_nodes > 1:  # a registered pytree (namedtuple, dataclass, flax struct): one batch
+        return False
+    try:
+        iter(data)
+    except TypeError:
+        return False
+    return True
+
+
+class HessianOperator(HVPOperator):
+    """The Hessian of a JAX loss (optionally preconditioned) as a pycurv operator.
+
+    Built by :func:`hessian`. ``matvec`` takes and returns float64 NumPy vectors;
+    ``hvp`` takes and returns flat ``jax.Array``s in :attr:`jax_dtype`.
+
+    Attributes
+    ----------
+    unravel : callable
+        Flat vector -> parameter pytree (``jax.flatten_util.ravel_pytree``'s).
+    dtype : str
+        Arithmetic of the products (``"float32"``, ``"float64"``).
+    device : str
+        ``"cpu:0"``, ``"cuda:0"``, ...
+    preconditioned : bool
+        True for P^{-1/2} H P^{-1/2}; ``preconditioner_diagonal`` holds P.
+    """
+
+    framework = "jax"
+    hvp_method = "forward-over-reverse"
+
+    def __init__(self, loss_fn, params, data, *, preconditioner, dtype, reduction, check_determinism, probe_rtol,
+                 l2, jit):
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(params, batch) -> scalar, got {type(loss_fn).__name__}")
+        self.reduction = _adapter.check_reduction(reduction)
+        if isinstance(l2, bool) or not isinstance(l2, numbers.Real) or not math.isfinite(float(l2)):
+            raise ValueError(f"l2 must be a finite number, got l2={l2!r}")
+        leaves = jax.tree_util.tree_leaves(params)
+        if not leaves:
+            raise ValueError("params has no arrays; pass the pytree of parameters the loss is differentiated by")
+        bad = [i for i, a in enumerate(leaves) if not jnp.issubdtype(jnp.result_type(a), jnp.floating)]
+        if bad:
+            raise TypeError(f"params leaves {bad} are not floating point; the Hessian needs floating-point parameters "
+                            "(keep integer state out of params)")
+        params_dtype = jnp.result_type(*leaves)
+        self.jax_dtype = _resolve_dtype(dtype, params_dtype)
+        self.dtype = str(self.jax_dtype)
+        cast = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype=self.jax_dtype), params)
+        flat, unravel = ravel_pytree(cast)
+        self._flat = flat
+        self.unravel = unravel
+        self._treedef = jax.tree_util.tree_structure(params)
+        n = int(flat.shape[0])
+        self.shape = (n, n)
+        dev = next(iter(flat.devices()))
+        self._jax_device = dev
+        self.device = f"{dev.platform}:{dev.id}"
+        self._cast_data = self.jax_dtype != jnp.dtype(params_dtype)
+
+        _adapter.check_one_shot(data)
+        self._data = data
+        self._single = not _is_batch_list(data)
+        if not self._single and isinstance(data, list) and not data:
+            raise ValueError("data is empty; pass a batch or a non-empty list of batches")
+        self._loss_fn = loss_fn
+        self.l2 = float(l2)
+        self._allreduce: Optional[Callable] = None  # hook for multi-process sums (scale-out)
+
+        def batch_loss(p, batch):
+            val = loss_fn(unravel(p), batch)
+            if jnp.ndim(val) != 0 and jnp.size(val) != 1:
+                raise TypeError(f"loss_fn(params, batch) must return a scalar, got shape {jnp.shape(val)}")
+            return jnp.reshape(val, ()).astype(self.jax_dtype)
+
+        def batch_hvp(p, v, batch):
+            return jax.jvp(jax.grad(lambda q: batch_loss(q, batch)), (p,), (v,))[1]
+
+        def batch_grad(p, batch):
+            return jax.grad(lambda q: batch_loss(q, batch))(p)
+
+        wrap = jax.jit if jit else (lambda f: f)
+        self._batch_loss = wrap(batch_loss)
+        self._batch_hvp = wrap(batch_hvp)
+        self._batch_grad = wrap(batch_grad)
+
+        self.preconditioned = preconditioner is not None
+        self.preconditioner_diagonal = None
+        self._scale = None
+        if preconditioner is not None:
+            P = _preconditioner_diagonal(preconditioner, params, n)
+            self.preconditioner_diagonal = P
+            self._scale = (1.0 / jnp.sqrt(P)).astype(self.jax_dtype)
+        super().__init__(check_determinism=check_determinism, probe_rtol=probe_rtol)
+
+    # -- boundary ----------------------------------------------------------
+    def _from_numpy(self, x):
+        return jax.device_put(np.asarray(x, dtype=self.jax_dtype), self._jax_device)
+
+    def _to_numpy(self, y) -> np.ndarray:
+        return np.asarray(y, dtype=np.float64)
+
+    def _rel_diff(self, a, b) -> float:
+        a64 = np.asarray(a, dtype=np.float64)
+        b64 = np.asarray(b, dtype=np.float64)
+        den = float(np.linalg.norm(a64))
+        num = float(np.linalg.norm(a64 - b64))
+        return num / den if den > 0 else (0.0 if num == 0 else math.inf)
+
+    def from_vector(self, x):
+        """A flat vector as the parameter pytree (in the HVP dtype)."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.shape != (self.shape[0],):
+            raise ValueError(f"vector must have shape ({self.shape[0]},), got {x.shape}")
+        return self.unravel(jnp.asarray(x, dtype=self.jax_dtype))
+
+    def to_vector(self, tree) -> np.ndarray:
+        """A pytree shaped like ``params`` as a float64 NumPy vector."""
+        if jax.tree_util.tree_structure(tree) != self._treedef:
+            raise ValueError("to_vector needs a pytree with the structure of params")
+        flat, _ = ravel_pytree(tree)
+        return np.asarray(flat, dtype=np.float64)
+
+    def parameters_vector(self) -> np.ndarray:
+        return np.asarray(self._flat, dtype=np.float64)
+
+    # -- data --------------------------------------------------------------
+    def batches(self) -> Iterator[Tuple[Any, int]]:
+        """Yields ``(batch, n_samples)``; floating leaves cast to the HVP dtype when it differs from the params'."""
+        source = [self._data] if self._single else self._data
+        for batch in source:
+            if self._cast_data:
+                batch = jax.tree_util.tree_map(
+                    lambda a: jnp.asarray(a, self.jax_dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a,
+                    batch)
+            n_b = _leading(batch)
+            yield batch, (1 if n_b is None else n_b)
+
+    # -- products ----------------------------------------------------------
+    def _raw_hvp(self, v):
+        total = None
+        count = 0
+        for batch, n_b in self.batches():
+            hv = self._batch_hvp(self._flat, v, batch)
+            w = _adapter.batch_weight(self.reduction, n_b)
+            total = hv * w if total is None else total + hv * w
+            count += n_b
+        if total is None:
+            raise ValueError("data yielded no batches; pass a batch or a non-empty list of batches")
+        if self._allreduce is not None:
+            total, count = self._allreduce(total, count)
+        if self.n_samples is not None and count != self.n_samples:
+            raise ValueError(f"the data changed size between passes ({self.n_samples} then {count} samples)")
+        self.n_samples = count
+        total = total / count
+        if self.l2:
+            total = total + self.l2 * v
+        return total
+
+    def hvp(self, v):
+        """``A v`` for a flat ``jax.Array`` (A = H, or P^{-1/2} H P^{-1/2}); counts in ``n_hvps``."""
+        if self._scale is not None:
+            out = self._raw_hvp(v * self._scale) * self._scale
+        else:
+            out = self._raw_hvp(v)
+        self.n_hvps += 1
+        return out
+
+    def batch_gradients(self) -> Iterator[Tuple[int, Any]]:
+        """Yields ``(n_samples, flat gradient of the batch's mean loss)`` (P^{-1/2} g when preconditioned)."""
+        for batch, n_b in self.batches():
+            g = self._batch_grad(self._flat, batch)
+            if self.reduction == "sum":
+                g = g / n_b
+            if self._scale is not None:
+                g = g * self._scale
+            yield n_b, g
+
+    def batch_hvps(self, v) -> Iterator[Tuple[int, Any]]:
+        """Yields ``(n_samples, A_b v)`` per batch, A_b the Hessian of the batch's mean loss."""
+        x = v * self._scale if self._scale is not None else v
+        for batch, n_b in self.batches():
+            hv = self._batch_hvp(self._flat, x, batch)
+            if self.reduction == "sum":
+                hv = hv / n_b
+            if self.l2:
+                hv = hv + self.l2 * x
+            if self._scale is not None:
+                hv = hv * self._scale
+            yield n_b, hv
+
+    def loss(self) -> float:
+        """Mean loss over the data at the parameters."""
+        total, count = 0.0, 0
+        for batch, n_b in self.batches():
+            val = float(self._batch_loss(self._flat, batch))
+            total += val * n_b if self.reduction == "mean" else val
+            count += n_b
+        return total / count
+
+    def _nondeterminism_advice(self) -> str:
+        return ("A JAX loss is deterministic unless it draws random numbers from changing keys or the data "
+                "changes between passes: fix the PRNG key used for dropout inside loss_fn and the data; or "
+                "pass check_determinism=False to accept it.")
+
+    def __repr__(self) -> str:
+        kind = "P^-1/2 H P^-1/2" if self.preconditioned else "H"
+        return f"<pycurv.jax.HessianOperator {kind} n={self.shape[0]} dtype={self.dtype} device={self.device} hvps={self.n_hvps}>"
+
+
+# ---------------------------------------------------------------------------
+# optax Adam state
+
+
+def find_adam_state(opt_state):
+    """The first node of an optax state with ``nu`` and ``count`` (``ScaleByAdamState``), and its hyper-parameters.
+
+    Searches tuples, lists, dicts and ``inner_state`` fields (``optax.chain``,
+    ``optax.inject_hyperparams``, ``optax.MultiSteps``). Returns
+    ``(state, hyperparams)``, ``hyperparams`` the dict recorded by
+    ``optax.inject_hyperparams`` or None.
+    """
+
+    def search(node, hp):
+        if hasattr(node, "nu") and hasattr(node, "count"):
+            return node, hp
+        if hasattr(node, "hyperparams") and isinstance(getattr(node, "hyperparams"), dict):
+            hp = dict(node.hyperparams)
+        children = []
+        if hasattr(node, "inner_state"):
+            children.append(node.inner_state)
+        if isinstance(node, dict):
+            children.extend(node.values())
+        elif isinstance(node, (tuple, list)):
+            children.extend(node)
+        for c in children:
+            found = search(c, hp)
+            if found is not None:
+                return found
+        return None
+
+    found = search(opt_state, None)
+    if found is None:
+        raise TypeError(
+            f"no Adam state (a node with fields 'nu' and 'count', e.g. optax.ScaleByAdamState) in the "
+            f"{type(opt_state).__name__} passed as preconditioner"
+        )
+    return found
+
+
+def adam_preconditioner(opt_state, *, b1: Optional[float] = None, b2: Optional[float] = None,
+                        eps: Optional[float] = None, eps_root: Optional[float] = None):
+    """Adam's preconditioner P = (1 - b1^t) * (sqrt(nu / (1 - b2^t) + eps_root) + eps), flat.
+
+    ``nu`` and ``count`` (= t) are read from the optax state (``optax.adam``,
+    ``optax.adamw``, also inside ``optax.chain`` / ``inject_hyperparams``); b1, b2,
+    eps and eps_root from ``inject_hyperparams`` when it recorded them, otherwise
+    they must be given (optax's state does not store them). Flattened in
+    ``ravel_pytree`` order, matching :func:`hessian`'s vector when ``nu`` has the
+    structure of ``params``. Compare the top eigenvalue of P^{-1/2} H P^{-1/2} with
+    (2 + 2 b1) / ((1 - b1) lr) = 38 / lr at b1 = 0.9 (Cohen et al. 2022).
+    """
+    state, hp = find_adam_state(opt_state)
+    hp = hp or {}
+    values = {}
+    for name, given in (("b1", b1), ("b2", b2), ("eps", eps), ("eps_root", eps_root)):
+        if given is not None:
+            values[name] = float(given)
+        elif name in hp:
+            values[name] = float(np.asarray(hp[name]))
+        elif name == "eps_root":
+            values[name] = 0.0
+        else:
+            raise ValueError(
+                f"the optax state does not record Adam's {name}; pass it: "
+                "pycurv.jax.adam_preconditioner(opt_state, b1=0.9, b2=0.999, eps=1e-8) (your values), "
+                "or build the optimizer with optax.inject_hyperparams"
+            )
+    t = int(np.asarray(state.count))
+    if t < 1:
+        raise ValueError("the optax Adam state has count=0: the optimizer has taken no step yet; Adam's "
+                         "preconditioner exists after the first update")
+    nu, _ = ravel_pytree(state.nu)
+    b1_, b2_ = values["b1"], values["b2"]
+    v_hat = nu / (1.0 - b2_**t)
+    return (1.0 - b1_**t) * (jnp.sqrt(v_hat + values["eps_root"]) + values["eps"])
+
+
+def _preconditioner_diagonal(pre, params, n: int):
+    if isinstance(pre, (np.ndarray, jax.Array)):
+        P = jnp.asarray(pre).reshape(-1)
+    else:
+        state, _ = find_adam_state(pre)
+        if jax.tree_util.tree_structure(state.nu) != jax.tree_util.tree_structure(params):
+            raise ValueError("the Adam state's nu does not have the structure of params; pass the state of "
+                             "the optimizer that trains these params")
+        P = adam_preconditioner(pre)
+    if P.shape != (n,):
+        raise ValueError(f"preconditioner diagonal must have {n} entries (one per parameter), got {P.shape[0]}")
+    ok = np.isfinite(np.asarray(P)) & (np.asarray(P) > 0)
+    if not ok.all():
+        raise ValueError(f"the preconditioner diagonal must be finite and > 0; {int((~ok).sum())} entries are not")
+    return P
+
+
+# ---------------------------------------------------------------------------
+# public functions
+
+
+def hessian(
+    loss_fn: Callable,
+    params,
+    data,
+    *,
+    preconditioner=None,
+    dtype=None,
+    reduction: str = "mean",
+    check_determinism: bool = True,
+    probe_rtol: Optional[float] = None,
+    l2: float = 0.0,
+    jit: bool = True,
+) -> HessianOperator:
+    """The Hessian of ``loss_fn`` over ``data`` at ``params``, as a pycurv operator.
+
+    Parameters
+    ----------
+    loss_fn : callable
+        ``loss_fn(params, batch) -> scalar``, the mean over the batch
+        (``reduction="mean"``) or the sum (``reduction="sum"``).
+    params : pytree of floating-point arrays
+        Where the Hessian is taken; the flat vector is ``ravel_pytree(params)``.
+    data : batch or list of batches
+        A batch is any pytree ``loss_fn`` accepts (a tuple ``(x, y)``, a dict, an
+        array); several batches are a list (or another re-iterable that is not a
+        pytree). The loss is the mean over all samples, batches weighted by their
+        leading dimension.
+    preconditioner : optax state, or 1-D array, optional
+        Gives P^{-1/2} H P^{-1/2}: from an optax Adam state built with
+        ``optax.inject_hyperparams`` (else use :func:`adam_preconditioner` with
+        b1, b2, eps), or the diagonal of P.
+    dtype : str or dtype, optional
+        Arithmetic of the products; default the parameters' dtype. ``"float64"``
+        needs ``jax_enable_x64``.
+    reduction : {"mean", "sum"}
+        What ``loss_fn`` does over a batch.
+    check_determinism : bool
+        Computes the first product twice and raises
+        :class:`pycurv.NonDeterministicOperatorError` if they differ.
+    l2 : float
+        Adds ``l2 * v``.
+    jit : bool
+        ``jax.jit`` the per-batch products (default).
+    """
+    return HessianOperator(loss_fn, params, data, preconditioner=preconditioner, dtype=dtype, reduction=reduction,
+                           check_determinism=check_determinism, probe_rtol=probe_rtol, l2=l2, jit=jit)
+
+
+def sharpness(loss_fn: Callable, params, data, *, tol: Optional[float] = None, seed: int = 0, v0=None,
+              max_matvecs: Optional[int] = None, progress: Optional[bool] = None, **hessian_kwargs) -> float:
+    """The largest algebraic eigenvalue of :func:`hessian` (``tol`` defaults to what its dtype can reach)."""
+    from ._progress import measure_top
+
+    op = hessian(loss_fn, params, data, **hessian_kwargs)
+    res = measure_top(op, tol=tol, seed=seed, v0=v0, max_matvecs=max_matvecs, progress=progress)
+    if not res.converged:
+        from .errors import NoConvergence
+
+        raise NoConvergence(res.message, result=res)
+    return float(res.eigenvalues[0])
