@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from typing import Any, Callable, Iterator, Optional, Tuple
 
 import numpy as np
@@ -34,7 +35,8 @@ from jax.flatten_util import ravel_pytree  # noqa: E402
 from . import _adapter  # noqa: E402
 from ._adapter import HVPOperator  # noqa: E402
 
-__all__ = ["hessian", "sharpness", "HessianOperator", "adam_preconditioner", "find_adam_state"]
+__all__ = ["hessian", "sharpness", "HessianOperator", "adam_preconditioner", "find_adam_state", "find_hyperparams",
+           "Tracker"]
 
 
 def _x64() -> bool:
@@ -141,22 +143,7 @@ class HessianOperator(HVPOperator):
         self.l2 = float(l2)
         self._allreduce: Optional[Callable] = None  # hook for multi-process sums (scale-out)
 
-        def batch_loss(p, batch):
-            val = loss_fn(unravel(p), batch)
-            if jnp.ndim(val) != 0 and jnp.size(val) != 1:
-                raise TypeError(f"loss_fn(params, batch) must return a scalar, got shape {jnp.shape(val)}")
-            return jnp.reshape(val, ()).astype(self.jax_dtype)
-
-        def batch_hvp(p, v, batch):
-            return jax.jvp(jax.grad(lambda q: batch_loss(q, batch)), (p,), (v,))[1]
-
-        def batch_grad(p, batch):
-            return jax.grad(lambda q: batch_loss(q, batch))(p)
-
-        wrap = jax.jit if jit else (lambda f: f)
-        self._batch_loss = wrap(batch_loss)
-        self._batch_hvp = wrap(batch_hvp)
-        self._batch_grad = wrap(batch_grad)
+        self._batch_loss, self._batch_hvp, self._batch_grad = _compiled(loss_fn, cast, self.jax_dtype, jit)
 
         self.preconditioned = preconditioner is not None
         self.preconditioner_diagonal = None
@@ -283,6 +270,47 @@ class HessianOperator(HVPOperator):
 
 
 # ---------------------------------------------------------------------------
+# compiled products, shared by operators with the same loss and parameter layout
+
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compiled(loss_fn, params, dtype, jit: bool):
+    """(loss, hvp, grad) of ``loss_fn`` over the flat vector of ``params``, jitted once per layout.
+
+    A tracker builds a new operator at every measurement; without this cache each
+    would compile again. The key is the loss function (held weakly) and the
+    parameters' structure, shapes and dtype, which fix ``unravel``.
+    """
+    key = (jax.tree_util.tree_structure(params),
+           tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree_util.tree_leaves(params)), str(dtype), bool(jit),
+           bool(jax.config.jax_enable_x64))
+    try:
+        per_fn = _CACHE.setdefault(loss_fn, {})
+    except TypeError:  # not weakly referenceable (a builtin, a functools.partial of one): no cache
+        per_fn = {}
+    if key in per_fn:
+        return per_fn[key]
+    _, unravel = ravel_pytree(params)
+
+    def batch_loss(p, batch):
+        val = loss_fn(unravel(p), batch)
+        if jnp.ndim(val) != 0 and jnp.size(val) != 1:
+            raise TypeError(f"loss_fn(params, batch) must return a scalar, got shape {jnp.shape(val)}")
+        return jnp.reshape(val, ()).astype(dtype)
+
+    def batch_hvp(p, v, batch):
+        return jax.jvp(jax.grad(lambda q: batch_loss(q, batch)), (p,), (v,))[1]
+
+    def batch_grad(p, batch):
+        return jax.grad(lambda q: batch_loss(q, batch))(p)
+
+    wrap = jax.jit if jit else (lambda f: f)
+    per_fn[key] = fns = (wrap(batch_loss), wrap(batch_hvp), wrap(batch_grad))
+    return fns
+
+
+# ---------------------------------------------------------------------------
 # optax Adam state
 
 
@@ -320,6 +348,24 @@ def find_adam_state(opt_state):
             f"{type(opt_state).__name__} passed as preconditioner"
         )
     return found
+
+
+def find_hyperparams(opt_state) -> Optional[dict]:
+    """The ``hyperparams`` dict that ``optax.inject_hyperparams`` keeps in its state, or None."""
+    if hasattr(opt_state, "hyperparams") and isinstance(getattr(opt_state, "hyperparams"), dict):
+        return dict(opt_state.hyperparams)
+    children = []
+    if hasattr(opt_state, "inner_state"):
+        children.append(opt_state.inner_state)
+    if isinstance(opt_state, dict):
+        children.extend(opt_state.values())
+    elif isinstance(opt_state, (tuple, list)):
+        children.extend(opt_state)
+    for c in children:
+        found = find_hyperparams(c)
+        if found is not None:
+            return found
+    return None
 
 
 def adam_preconditioner(opt_state, *, b1: Optional[float] = None, b2: Optional[float] = None,
@@ -441,3 +487,6 @@ def sharpness(loss_fn: Callable, params, data, *, tol: Optional[float] = None, s
 
         raise NoConvergence(res.message, result=res)
     return float(res.eigenvalues[0])
+
+
+from .track import JaxTracker as Tracker  # noqa: E402

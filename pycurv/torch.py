@@ -45,6 +45,8 @@ __all__ = [
     "HessianOperator",
     "ParameterLayout",
     "adam_preconditioner",
+    "rmsprop_preconditioner",
+    "Tracker",
 ]
 
 _HVP_METHODS = ("auto", "forward", "reverse")
@@ -629,8 +631,8 @@ def adam_preconditioner(optimizer, params: Optional[Sequence] = None, *, names: 
     """
     if not _is_adam_like(optimizer):
         raise TypeError(
-            f"preconditioner must be a torch.optim.Adam or AdamW (param_groups with 'betas' and 'eps'), "
-            f"or a 1-D tensor holding the diagonal of P; got {type(optimizer).__name__}"
+            f"preconditioner must be a torch.optim.Adam, AdamW or RMSprop, or a 1-D tensor holding the "
+            f"diagonal of P; got {type(optimizer).__name__}"
         )
     group_of = {}
     for gi, g in enumerate(optimizer.param_groups):
@@ -674,11 +676,57 @@ def adam_preconditioner(optimizer, params: Optional[Sequence] = None, *, names: 
     return torch.cat(parts)
 
 
+def _is_rmsprop_like(opt) -> bool:
+    return (hasattr(opt, "param_groups") and hasattr(opt, "state")
+            and all("alpha" in g and "eps" in g for g in opt.param_groups))
+
+
+def rmsprop_preconditioner(optimizer, params: Optional[Sequence] = None, *, names: Optional[Sequence[str]] = None):
+    """RMSprop's preconditioner P = sqrt(v) + eps (v - g_avg^2 with ``centered=True``), flat, float64.
+
+    PyTorch's RMSprop divides the gradient by P without bias correction; its
+    stability bound is on λ1(P^{-1/2} H P^{-1/2}) (see :mod:`pycurv.stability`).
+    Groups with another ``lr`` than group 0's are rescaled as in :func:`adam_preconditioner`.
+    """
+    if not _is_rmsprop_like(optimizer):
+        raise TypeError(f"expected a torch.optim.RMSprop (param_groups with 'alpha' and 'eps'), got {type(optimizer).__name__}")
+    group_of = {id(p): gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    if params is None:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+    params = list(params)
+    names = list(names) if names is not None else [f"parameter {i}" for i in range(len(params))]
+    lr0 = _scalar(optimizer.param_groups[0]["lr"])
+    parts = []
+    for name, p in zip(names, params):
+        if id(p) not in group_of:
+            raise ValueError(f"{name} is not optimised by the {type(optimizer).__name__} passed as preconditioner")
+        g = optimizer.param_groups[group_of[id(p)]]
+        st = optimizer.state.get(p, {})
+        if "square_avg" not in st or _scalar(st.get("step", 0)) < 1:
+            raise ValueError(
+                f"the {type(optimizer).__name__} passed as preconditioner has taken no step yet (no square_avg "
+                f"for {name}); its preconditioner exists after the first optimizer.step()"
+            )
+        v = st["square_avg"].detach().to(torch.float64).reshape(-1)
+        if g.get("centered", False):
+            v = v - st["grad_avg"].detach().to(torch.float64).reshape(-1) ** 2
+        P = torch.sqrt(v) + _scalar(g["eps"])
+        lr = _scalar(g["lr"])
+        if lr != lr0:
+            if lr <= 0:
+                raise ValueError(f"parameter group of {name} has lr={lr}; the preconditioned operator needs lr > 0")
+            P = P * (lr0 / lr)
+        parts.append(P)
+    return torch.cat(parts)
+
+
 def _preconditioner_diagonal(pre, chosen, layout: ParameterLayout, device):
     if isinstance(pre, (torch.Tensor, np.ndarray)):
         P = torch.as_tensor(pre).to(device=device, dtype=torch.float64).reshape(-1)
         if P.numel() != layout.n:
             raise ValueError(f"preconditioner diagonal must have {layout.n} entries (one per parameter), got {P.numel()}")
+    elif _is_rmsprop_like(pre) and not _is_adam_like(pre):
+        P = rmsprop_preconditioner(pre, [p for _, p in chosen], names=[k for k, _ in chosen]).to(device)
     else:
         P = adam_preconditioner(pre, [p for _, p in chosen], names=[k for k, _ in chosen]).to(device)
     if not bool(torch.all(torch.isfinite(P))) or not bool(torch.all(P > 0)):
@@ -726,10 +774,11 @@ def hessian(
         The loss is the mean over *all samples*: batches are weighted by their
         size. Batches are moved to the model's device one at a time, so data
         larger than device memory works.
-    preconditioner : torch.optim.Adam / AdamW, or 1-D tensor, optional
-        Gives the symmetric P^{-1/2} H P^{-1/2} instead of H: from the Adam
-        state (see :func:`adam_preconditioner`) or the diagonal of P given directly.
-        Compare its top eigenvalue with (2 + 2 beta1) / ((1 - beta1) lr).
+    preconditioner : torch.optim.Adam / AdamW / RMSprop, or 1-D tensor, optional
+        Gives the symmetric P^{-1/2} H P^{-1/2} instead of H: from the optimizer's
+        state (see :func:`adam_preconditioner`, :func:`rmsprop_preconditioner`) or
+        the diagonal of P given directly. For Adam compare its top eigenvalue with
+        (2 + 2 beta1) / ((1 - beta1) lr).
     dtype : torch.dtype or str, optional
         Arithmetic of the products; default the model's dtype. ``"float64"``
         casts a copy of the parameters, buffers and floating-point data.
@@ -800,19 +849,24 @@ def stability_report(model, loss_fn: Callable, data, optimizer, *, tol: Optional
                      progress: Optional[bool] = None, group: int = 0, **hessian_kwargs):
     """Sharpness against ``optimizer``'s stability threshold, in one call.
 
-    For Adam/AdamW the preconditioned sharpness (the optimizer is the
-    preconditioner) is compared with (2 + 2 beta1) / ((1 - beta1) lr); for SGD
-    (with or without momentum) and RMSprop the sharpness with their thresholds
-    (see :mod:`pycurv.stability`). Returns a
+    For Adam/AdamW and RMSprop the preconditioned sharpness (the optimizer is
+    the preconditioner; their coupled ``weight_decay`` is added to H) is compared
+    with their threshold, e.g. (2 + 2 beta1) / ((1 - beta1) lr) for Adam; for SGD
+    (with or without momentum) the sharpness (see :mod:`pycurv.stability`). Returns a
     :class:`pycurv.stability.MarginReport`; its ``text`` reads like
     ``"sharpness 19.7, threshold 2/η = 20, margin 0.99: stable"``.
     """
     from .stability import margin_report, threshold_from_optimizer
     from ._progress import measure_top
 
+    from .track import operator_options
+
     thr = threshold_from_optimizer(optimizer, group=group)
-    if thr.quantity == "preconditioned_sharpness" and "preconditioner" not in hessian_kwargs:
-        hessian_kwargs["preconditioner"] = optimizer
+    for key, value in operator_options(thr, optimizer).items():
+        hessian_kwargs.setdefault(key, value)
     op = hessian(model, loss_fn, data, **hessian_kwargs)
     res = measure_top(op, tol=tol, seed=seed, progress=progress)
     return margin_report(float(res.eigenvalues[0]), thr)
+
+
+from .track import TorchTracker as Tracker  # noqa: E402  (the tracker needs hessian() above)

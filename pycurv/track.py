@@ -1,0 +1,354 @@
+"""Sharpness during training: every N steps, λ1 against the optimizer's current threshold.
+
+:class:`Tracker` is the framework-agnostic core: give it an operator and a
+:class:`pycurv.stability.Threshold` and it measures the top eigenvalue
+(warm-started from the previous Ritz vector), records step, learning rate,
+value, threshold, margin, products and seconds, warns once when the margin
+first exceeds 1, writes CSV/JSON and plots the value against the threshold.
+
+:class:`TorchTracker` (also ``pycurv.torch.Tracker``) and :class:`JaxTracker`
+(``pycurv.jax.Tracker``) build the operator from the training loop's objects::
+
+    tracker = pycurv.torch.Tracker(model, loss_fn, (x, y), optimizer, every=50)
+    for step in range(1000):
+        ...; optimizer.step(); scheduler.step()
+        tracker.step(step)               # measures when step % every == 0
+    tracker.to_csv("sharpness.csv"); tracker.plot("sharpness.png")
+
+For Adam/AdamW and RMSprop the tracked value is the preconditioned sharpness
+λ1(P^{-1/2} H P^{-1/2}) with P from the optimizer's state at that step.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import numpy as np
+
+from ._progress import measure_top
+
+__all__ = ["Record", "Tracker", "TorchTracker", "JaxTracker", "MarginWarning", "operator_options"]
+
+PRECONDITIONED = "preconditioned_sharpness"
+
+
+class MarginWarning(UserWarning):
+    """The measured sharpness exceeded the optimizer's stability threshold (margin > 1)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One measurement.
+
+    Attributes
+    ----------
+    step : int
+        Training step (the caller's count).
+    lr : float
+        Learning rate η at that step (group 0's for torch).
+    value : float
+        λ1 of H, or of P^{-1/2} H P^{-1/2} when ``quantity`` is ``"preconditioned_sharpness"``.
+    threshold : float
+        The optimizer's largest stable value of ``quantity`` at this η.
+    margin : float
+        value / threshold (stable while <= 1).
+    quantity, formula, optimizer : str
+        What is bounded, the threshold's closed form (``"2/η"``, ``"38/η"``), the optimizer.
+    matvecs : int
+        Hessian-vector products the measurement took (the determinism probe's included).
+    seconds : float
+        Wall time of the measurement.
+    converged : bool
+        Whether the solver met ``tol``; ``status`` says otherwise why (e.g. ``"noise_floor"``).
+    """
+
+    step: int
+    lr: float
+    value: float
+    threshold: float
+    margin: float
+    quantity: str
+    formula: str
+    optimizer: str
+    matvecs: int
+    seconds: float
+    converged: bool
+    status: str
+
+
+_COLUMNS = ("step", "lr", "value", "threshold", "margin", "quantity", "formula", "optimizer", "matvecs", "seconds",
+            "converged", "status")
+
+
+def operator_options(thr, optimizer=None) -> Dict[str, Any]:
+    """``hessian()`` keyword arguments that make the operator the one ``thr`` bounds.
+
+    Preconditioned thresholds (Adam, AdamW, RMSprop) need the optimizer as the
+    preconditioner; Adam's and RMSprop's coupled ``weight_decay`` is part of the
+    gradient P divides, so it enters the operator as ``l2`` (for SGD the
+    threshold itself is lowered by it instead; AdamW's decay is decoupled).
+    """
+    opts: Dict[str, Any] = {}
+    if thr.quantity == PRECONDITIONED:
+        if optimizer is not None:
+            opts["preconditioner"] = optimizer
+        if thr.optimizer in ("adam", "rmsprop"):
+            wd = float(thr.hyperparameters.get("weight_decay", 0.0) or 0.0)
+            if wd:
+                opts["l2"] = wd
+    return opts
+
+
+class Tracker:
+    """Measures the top eigenvalue every ``every`` steps and keeps the records.
+
+    Parameters
+    ----------
+    every : int
+        Measure when ``step % every == 0``.
+    tol : float
+        Relative residual tolerance of each measurement (1e-3 gives λ1 to about
+        three digits, usually far better: the error is ~tol² λ1 when λ1 is separated).
+    seed : int
+        Seed of the first start vector; later measurements start from the previous Ritz vector.
+    max_matvecs : int, optional
+        Budget per measurement.
+    warn : bool
+        Issue one :class:`MarginWarning` the first time the margin exceeds 1.
+    progress : bool, optional
+        Progress line on stderr during long measurements (default: when stderr is a terminal).
+    """
+
+    def __init__(self, *, every: int = 100, tol: float = 1e-3, seed: int = 0, max_matvecs: Optional[int] = None,
+                 warn: bool = True, progress: Optional[bool] = None):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive integer, got every={every!r}")
+        self.every = every
+        self.tol = tol
+        self.seed = seed
+        self.max_matvecs = max_matvecs
+        self.warn = warn
+        self.progress = progress
+        self.records: List[Record] = []
+        self._v0: Optional[np.ndarray] = None
+        self._warned = False
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def record(self, op, thr, step: int, *, started: Optional[float] = None) -> Record:
+        """Measures ``op``'s top eigenvalue, compares it with ``thr`` and appends a :class:`Record`."""
+        from .stability import margin_report
+
+        t0 = time.perf_counter() if started is None else started
+        hvps0 = getattr(op, "n_hvps", 0)
+        v0 = self._v0 if self._v0 is not None and self._v0.shape == (op.shape[0],) else None
+        res = measure_top(op, tol=self.tol, seed=self.seed, v0=v0, max_matvecs=self.max_matvecs,
+                          progress=self.progress, label=f"step {step}: λ1")
+        value = float(res.eigenvalues[0])
+        rep = margin_report(value, thr)
+        matvecs = getattr(op, "n_hvps", hvps0 + res.n_matvecs) - hvps0
+        rec = Record(step=int(step), lr=float(thr.lr), value=value, threshold=float(rep.threshold),
+                     margin=float(rep.margin), quantity=rep.quantity, formula=thr.formula, optimizer=thr.optimizer,
+                     matvecs=int(matvecs), seconds=time.perf_counter() - t0, converged=bool(res.converged),
+                     status=res.status)
+        self.records.append(rec)
+        if res.eigenvectors is not None:
+            self._v0 = np.array(res.eigenvectors[:, 0])
+        if self.warn and not self._warned and rec.margin > 1.0:
+            self._warned = True
+            warnings.warn(MarginWarning(f"step {rec.step}: {rep.text} — past the stability threshold"),
+                          stacklevel=3)
+        return rec
+
+    # -- output ------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def columns(self) -> Dict[str, list]:
+        """The records as columns: ``{"step": [...], "lr": [...], "value": [...], ...}``."""
+        return {c: [getattr(r, c) for r in self.records] for c in _COLUMNS}
+
+    def to_csv(self, path) -> None:
+        """One row per measurement, a header with the :class:`Record` field names (UTF-8)."""
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(_COLUMNS)
+            for r in self.records:
+                w.writerow([repr(v) if isinstance(v, float) else v for v in (getattr(r, c) for c in _COLUMNS)])
+
+    def to_json(self, path) -> None:
+        """``{"records": [{field: value, ...}, ...]}``, strict JSON (non-finite numbers as null)."""
+        rows = [{k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in asdict(r).items()}
+                for r in self.records]
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump({"records": rows}, fh, indent=1, allow_nan=False, ensure_ascii=False)
+            fh.write("\n")
+
+    def plot(self, path=None, *, ax=None, title: Optional[str] = None, log: bool = False):
+        """λ1 (or the preconditioned λ1) against the threshold over the steps; needs matplotlib.
+
+        Draws into ``ax`` if given, else a new figure; saves to ``path`` if given.
+        Returns the matplotlib Figure.
+        """
+        from ._optional import require
+
+        require("matplotlib", "Tracker.plot")
+        from matplotlib.figure import Figure
+
+        if ax is None:
+            fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+            ax = fig.add_subplot()
+        else:
+            fig = ax.figure
+        cols = self.columns()
+        steps = cols["step"]
+        quantity = cols["quantity"][-1] if steps else "sharpness"
+        label = "preconditioned sharpness λ1(P⁻¹H)" if quantity == PRECONDITIONED else "sharpness λ1"
+        formula = cols["formula"][-1] if steps else "threshold"
+        ax.plot(steps, cols["value"], "o-", ms=3, lw=1.2, color="C0", label=label)
+        ax.plot(steps, cols["threshold"], "--", lw=1.2, color="C3", drawstyle="steps-post",
+                label=f"stability threshold {formula}")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        if log:
+            ax.set_yscale("log")
+        ax.legend(loc="best", fontsize="small")
+        if title:
+            ax.set_title(title)
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
+
+
+class TorchTracker(Tracker):
+    """Tracks a PyTorch training loop: ``tracker.step(step)`` after each ``optimizer.step()``.
+
+    The threshold is read from the optimizer at each measurement: its current
+    learning rate, the one the next step will use (after ``scheduler.step()``)
+    (:func:`pycurv.stability.threshold_from_optimizer`), so learning-rate schedules
+    are followed; for Adam/AdamW/RMSprop the operator is preconditioned with the
+    optimizer's current state. ``hessian_kwargs`` go to :func:`pycurv.torch.hessian`
+    (``dtype``, ``mode``, ``microbatch_size``, ...). The determinism probe runs at
+    the first measurement only.
+    """
+
+    def __init__(self, model, loss_fn, data, optimizer, *, every: int = 100, tol: float = 1e-3, seed: int = 0,
+                 max_matvecs: Optional[int] = None, warn: bool = True, progress: Optional[bool] = None,
+                 group: int = 0, **hessian_kwargs):
+        super().__init__(every=every, tol=tol, seed=seed, max_matvecs=max_matvecs, warn=warn, progress=progress)
+        from .stability import threshold_from_optimizer
+
+        threshold_from_optimizer(optimizer, group=group)  # fails now, not at the first measurement
+        self.model, self.loss_fn, self.data, self.optimizer = model, loss_fn, data, optimizer
+        self.group = group
+        self.hessian_kwargs = hessian_kwargs
+        self._count = 0
+
+    def step(self, step: Optional[int] = None) -> Optional[Record]:
+        """Counts a training step (or takes the caller's ``step``) and measures if it is due."""
+        if step is None:
+            step = self._count
+        self._count = step + 1
+        return self.measure(step) if self.due(step) else None
+
+    def measure(self, step: int) -> Record:
+        """Measures now, whatever the step."""
+        from . import torch as pt
+        from .stability import threshold_from_optimizer
+
+        t0 = time.perf_counter()
+        thr = threshold_from_optimizer(self.optimizer, group=self.group)
+        kw = dict(operator_options(thr, self.optimizer))
+        kw.setdefault("check_determinism", not self.records)
+        kw.update(self.hessian_kwargs)
+        op = pt.hessian(self.model, self.loss_fn, self.data, **kw)
+        return self.record(op, thr, step, started=t0)
+
+
+class JaxTracker(Tracker):
+    """Tracks a JAX training loop: ``tracker.step(step, params, opt_state)``.
+
+    Parameters
+    ----------
+    loss_fn, data
+        As for :func:`pycurv.jax.hessian`.
+    optimizer : {"sgd", "adam", "adamw", "rmsprop"}
+        Which stability threshold applies (:func:`pycurv.stability.threshold`).
+        For Adam/AdamW the preconditioner is read from ``opt_state`` (optax).
+    lr : float or callable, optional
+        The learning rate, or a schedule ``lr(step)`` (an optax schedule works);
+        default: ``opt_state``'s ``hyperparams["learning_rate"]`` (``optax.inject_hyperparams``).
+    hyperparameters : dict, optional
+        The optimizer's (``momentum``, ``beta1``, ``beta2``, ``eps``, ``weight_decay``, ...);
+        Adam's b1, b2, eps are read from ``inject_hyperparams`` state when not given.
+    """
+
+    def __init__(self, loss_fn, data, *, optimizer: str = "sgd", lr: Union[None, float, Callable] = None,
+                 hyperparameters: Optional[Dict[str, Any]] = None, every: int = 100, tol: float = 1e-3,
+                 seed: int = 0, max_matvecs: Optional[int] = None, warn: bool = True,
+                 progress: Optional[bool] = None, **hessian_kwargs):
+        super().__init__(every=every, tol=tol, seed=seed, max_matvecs=max_matvecs, warn=warn, progress=progress)
+        from .stability import threshold
+
+        self.optimizer = str(optimizer).lower()
+        self.hyperparameters = dict(hyperparameters or {})
+        threshold(self.optimizer, 1.0, **self.hyperparameters)  # validates names now
+        if self.optimizer == "rmsprop":
+            raise ValueError("JaxTracker supports optimizer='sgd', 'adam' or 'adamw'; for RMSprop build the "
+                             "operator with pycurv.jax.hessian(preconditioner=sqrt(nu) + eps) and use Tracker.record")
+        self.lr = lr
+        self.loss_fn, self.data = loss_fn, data
+        self.hessian_kwargs = hessian_kwargs
+
+    def _lr(self, step: int, opt_state) -> float:
+        if callable(self.lr):
+            return float(np.asarray(self.lr(step)))
+        if self.lr is not None:
+            return float(self.lr)
+        if opt_state is not None:
+            from .jax import find_hyperparams
+
+            hp = find_hyperparams(opt_state)
+            if hp is not None and "learning_rate" in hp:
+                return float(np.asarray(hp["learning_rate"]))
+        raise ValueError("JaxTracker needs the learning rate: pass lr= (a number or a schedule), or build the "
+                         "optimizer with optax.inject_hyperparams so that opt_state records it")
+
+    def step(self, step: int, params, opt_state=None) -> Optional[Record]:
+        """Measures at ``params`` (and ``opt_state``) if ``step`` is due."""
+        return self.measure(step, params, opt_state) if self.due(step) else None
+
+    def measure(self, step: int, params, opt_state=None) -> Record:
+        from . import jax as pj
+        from .stability import threshold
+
+        t0 = time.perf_counter()
+        hp = dict(self.hyperparameters)
+        kw = dict(self.hessian_kwargs)
+        kw.setdefault("check_determinism", not self.records)
+        if self.optimizer in ("adam", "adamw"):
+            if opt_state is None:
+                raise ValueError(f"optimizer={self.optimizer!r}: pass opt_state to step() (the preconditioner "
+                                 "is read from it)")
+            found = pj.find_hyperparams(opt_state) or {}
+            for ours, theirs in (("beta1", "b1"), ("beta2", "b2"), ("eps", "eps")):
+                if ours not in hp and theirs in found:
+                    hp[ours] = float(np.asarray(found[theirs]))
+            if "beta1" not in hp or "beta2" not in hp or "eps" not in hp:
+                raise ValueError("JaxTracker with Adam needs beta1, beta2 and eps: pass hyperparameters="
+                                 "{'beta1': 0.9, 'beta2': 0.999, 'eps': 1e-8} (your values), or use "
+                                 "optax.inject_hyperparams")
+            kw.setdefault("preconditioner", pj.adam_preconditioner(opt_state, b1=hp["beta1"], b2=hp["beta2"],
+                                                                   eps=hp["eps"]))
+        thr = threshold(self.optimizer, self._lr(step, opt_state), **hp)
+        for key, value in operator_options(thr).items():
+            kw.setdefault(key, value)
+        op = pj.hessian(self.loss_fn, params, self.data, **kw)
+        return self.record(op, thr, step, started=t0)
