@@ -147,7 +147,7 @@ def run(args) -> int:
     opt = "SGD" if args.momentum == 0 else (
         f"SGD, {'Nesterov' if args.nesterov else 'heavy-ball'} momentum {args.momentum:g}")
     w(f"Noisy quadratic model (Zhang et al. 2019): {desc}; {opt}\n")
-    share = f" ({frac:.3g} of the initial {model.initial_loss:.4g})" if args.target is None else ""
+    share = f" ({100 * frac:.3g}% of the initial loss {model.initial_loss:.4g})" if args.target is None else ""
     w(f"  target loss {target:.4g}{share}; lr stability limit {res.max_stable_lr:.4g}\n")
     w(f"  {'batch':>8}  {'best lr':>10}  {'steps':>9}  {'speed-up':>8}  {'lr/limit':>8}\n")
     for r in rows:

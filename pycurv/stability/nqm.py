@@ -392,8 +392,9 @@ class BatchScaling:
 
     @property
     def speedup(self) -> np.ndarray:
-        """steps at the smallest batch size / steps."""
-        return self.steps[0] / self.steps
+        """steps at the smallest batch size / steps (nan where both are inf)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.steps[0] / self.steps
 
     @property
     def lr_fraction(self) -> np.ndarray:
