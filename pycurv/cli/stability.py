@@ -68,12 +68,18 @@ def _add_common(p, *, need_lr: bool, need_sharpness: bool) -> None:
     p.add_argument("--plot", metavar="FILE", help="save the stability region in the (η, λ1) plane (needs matplotlib)")
 
 
+_NOISE_DOC = ("Hyper-parameters follow PyTorch. With --batch-size, --dataset-size and --curvature-variance "
+              "(SGD only) the bound is the minibatch mean-square condition of Wu et al. (2018).")
+
+
 def register(sub):
-    doc = __doc__.split("\n\n")[1]
-    b = sub.add_parser("bound", help="largest stable sharpness at a learning rate", description=doc)
+    b = sub.add_parser("bound", help="largest stable sharpness at a learning rate",
+                       description="The largest stable sharpness at a learning rate and, given a measured "
+                                   "--sharpness, the margin and a stable/unstable verdict. " + _NOISE_DOC)
     _add_common(b, need_lr=True, need_sharpness=False)
     b.set_defaults(func=run_bound)
-    m = sub.add_parser("lr-max", help="largest stable learning rate for a sharpness", description=doc)
+    m = sub.add_parser("lr-max", help="largest stable learning rate for a sharpness",
+                       description="The largest stable learning rate for a measured sharpness. " + _NOISE_DOC)
     _add_common(m, need_lr=False, need_sharpness=True)
     m.set_defaults(func=run_lr_max)
 
