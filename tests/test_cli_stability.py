@@ -2,9 +2,12 @@
 
 import json
 import math
+import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 
@@ -25,10 +28,27 @@ def cli_json(capsys, *argv):
     return json.loads(out, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
 
 
+def _console_script():
+    """The installed ``pycurv`` script: in this interpreter's scripts folder (venv, system or user scheme)."""
+    names = ["pycurv.exe", "pycurv"] if os.name == "nt" else ["pycurv"]
+    folders = [sysconfig.get_path("scripts"), str(pathlib.Path(sys.executable).parent)]
+    try:
+        folders.append(sysconfig.get_path("scripts", f"{os.name}_user"))
+    except KeyError:
+        pass
+    for folder in folders:
+        for name in names:
+            path = pathlib.Path(folder) / name
+            if path.exists():
+                return path
+    found = shutil.which("pycurv")
+    assert found, "the pycurv console script is not installed"
+    return pathlib.Path(found)
+
+
 def test_installed_entry_points(tmp_path):
     """Both the console script and ``python -m pycurv`` work from the installed package."""
-    script = pathlib.Path(sys.executable).with_name("pycurv")
-    assert script.exists(), "the pycurv console script is not installed next to the interpreter"
+    script = _console_script()
     for cmd in ([str(script)], [sys.executable, "-m", "pycurv"]):
         proc = subprocess.run(cmd + ["bound", "--optimizer", "sgd", "--lr", "0.1", "--json"],
                               capture_output=True, text=True, cwd=tmp_path, timeout=120)
