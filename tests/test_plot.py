@@ -11,11 +11,11 @@ from pycurv.errors import MissingDependencyError
 from pycurv.stability import NoisyQuadraticModel, curvature_batch_scaling, nqm_batch_scaling, threshold
 
 
-def test_import_pycurv_is_numpy_only():
+def test_import_pycurv_is_numpy_only(tmp_path):
     code = ("import sys, pycurv, pycurv.stability, pycurv.solvers, pycurv.plot, pycurv.cli; "
             "bad = [m for m in ('matplotlib', 'scipy', 'torch', 'jax') if m in sys.modules]; "
             "print(','.join(bad))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == ""
 
