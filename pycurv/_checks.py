@@ -125,3 +125,54 @@ def matvec_output(y, n: int, count: int) -> np.ndarray:
         else:
             raise ValueError(f"matvec call {count} returned shape {y.shape}; expected ({n},), the shape of its input")
     return y
+
+
+# --- real-valued hyper-parameters (stability models and solvers) -------------------------------
+
+
+def as_real(name: str, value) -> float:
+    """A finite real number from a Python number or a 0-d array/tensor (read with ``float()``)."""
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        raise TypeError(f"{name} must be a real number, got {name}={value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number (or a 0-d array), got {name}={value!r}") from None
+    if not math.isfinite(out):
+        raise ValueError(f"{name} must be a finite number, got {name}={out!r}")
+    return out
+
+
+def check_interval(name: str, value, lo: float, hi: float, *, lo_open: bool = False,
+                   hi_open: bool = False) -> float:
+    """A finite real in [lo, hi] (open ends as asked); the message shows the interval."""
+    value = as_real(name, value)
+    lo_ok = value > lo if lo_open else value >= lo
+    hi_ok = value < hi if hi_open else value <= hi
+    if not (lo_ok and hi_ok):
+        if math.isfinite(hi):
+            rule = f"satisfy {lo:g} {'<' if lo_open else '<='} {name} {'<' if hi_open else '<='} {hi:g}"
+        else:
+            rule = f"be {'>' if lo_open else '>='} {lo:g}"
+        raise ValueError(f"{name} must {rule}, got {name}={value!r}")
+    return value
+
+
+def check_lr(value, name: str = "lr") -> float:
+    """A learning rate: finite and > 0 (a 0-d tensor is read with ``float()``)."""
+    return check_interval(name, value, 0.0, math.inf, lo_open=True)
+
+
+def check_nonnegative(name: str, value) -> float:
+    return check_interval(name, value, 0.0, math.inf)
+
+
+def check_coefficient(name: str, value) -> float:
+    """A momentum-like coefficient: 0 <= value < 1."""
+    return check_interval(name, value, 0.0, 1.0, hi_open=True)
+
+
+def check_flag(name: str, value) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {name}={value!r}")
