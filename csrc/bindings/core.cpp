@@ -208,6 +208,16 @@ PYBIND11_MODULE(_core, m) {
   });
 
   m.def(
+      "read_bandwidth",
+      [](int64_t n, int repeats) {
+        if (n < 1) throw std::invalid_argument("n must be >= 1");
+        py::gil_scoped_release release;
+        return pycurv::measure_read_bandwidth(n, repeats);
+      },
+      py::arg("n") = 64 << 20, py::arg("repeats") = 5,
+      "Read bandwidth in bytes/s of one threaded pass over n doubles (best of repeats).");
+
+  m.def(
       "set_num_threads",
       [](int n) {
         if (n < 1) throw std::invalid_argument("the number of threads must be >= 1");

@@ -1,6 +1,7 @@
 #include "basis_cpu.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -346,6 +347,20 @@ void CpuBasis::residual(const double* w, int r, double theta, double* out) {
     partial_[c] = s;
   }
   sum_chunks(1, out);
+}
+
+double measure_read_bandwidth(int64_t n, int repeats) {
+  CpuBasis b(n, 1, 0);
+  b.random_normal(0, 1, 0);
+  double out[1];
+  double best = 0.0;
+  for (int i = 0; i < std::max(repeats, 1); ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    b.dots(nullptr, 0, 0, out);
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (dt > 0) best = std::max(best, 8.0 * static_cast<double>(n) / dt);
+  }
+  return best;
 }
 
 }  // namespace pycurv

@@ -66,4 +66,9 @@ class CpuBasis {
   void count(double vectors) { bytes_ += vectors * 8.0 * static_cast<double>(n_); }
 };
 
+// Best-of-`repeats` read bandwidth (bytes/s) of this machine for one pass over
+// n doubles with the basis kernels' threading and memory layout: the roofline
+// reference in bench/.
+double measure_read_bandwidth(int64_t n, int repeats);
+
 }  // namespace pycurv
