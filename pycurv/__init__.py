@@ -2,8 +2,10 @@
 
 The compiled core finds extreme eigenvalues of symmetric operators from
 matrix-vector products alone: float64 thick-restart Lanczos with full
-reorthogonalisation. Framework adapters live in ``pycurv.torch`` and
-``pycurv.jax`` (imported on demand); ``import pycurv`` needs NumPy only.
+reorthogonalisation. Stability thresholds and the NQM live in ``pycurv.stability``,
+practical solvers (critical learning rate, catapult warmup) in ``pycurv.solvers``.
+Framework adapters live in ``pycurv.torch`` and ``pycurv.jax`` (imported on
+demand); ``import pycurv`` needs NumPy only.
 """
 
 from __future__ import annotations
@@ -20,6 +22,19 @@ from .errors import (
 from .lanczos import lanczos, sharpness
 from .operators import FunctionOperator, MatrixOperator, Operator, ShiftedOperator, as_operator
 from .results import History, LanczosProgress, LanczosResult
+from . import solvers, stability
+from .solvers import CriticalLR, PersistentCatapultWarmup, critical_lr, warmup_timing
+from .stability import (
+    MarginReport,
+    NoisyQuadraticModel,
+    Threshold,
+    margin_report,
+    max_stable_lr,
+    nqm_batch_scaling,
+    solve_noisy_sgd,
+    threshold,
+    threshold_from_optimizer,
+)
 
 __version__ = "0.1.0"
 
@@ -36,6 +51,23 @@ __all__ = [
     "FunctionOperator",
     "ShiftedOperator",
     "as_operator",
+    # stability thresholds (pycurv.stability)
+    "stability",
+    "threshold",
+    "max_stable_lr",
+    "threshold_from_optimizer",
+    "Threshold",
+    "margin_report",
+    "MarginReport",
+    "solve_noisy_sgd",
+    "NoisyQuadraticModel",
+    "nqm_batch_scaling",
+    # solvers for practice (pycurv.solvers)
+    "solvers",
+    "critical_lr",
+    "CriticalLR",
+    "PersistentCatapultWarmup",
+    "warmup_timing",
     # errors and warnings
     "PycurvError",
     "NoConvergence",

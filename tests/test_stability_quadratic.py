@@ -9,6 +9,7 @@ from torch_like import SGD, Adam, RMSprop, run
 from pycurv.stability import (
     OPTIMIZERS,
     Threshold,
+    is_stable,
     iteration_matrix,
     largest_stable_lr,
     largest_stable_sharpness,
@@ -362,3 +363,17 @@ def test_margin_report():
     assert margin_report(-3.0, threshold("sgd", 0.1)).stable
     with pytest.raises(ValueError, match="value must be a finite number"):
         margin_report(float("inf"), threshold("sgd", 0.1))
+
+
+def test_general_routine_edges():
+    """Unbounded and empty stable sets, marginal matrices, overflow, a complex pair on the unit circle."""
+    assert largest_stable_lr(matrix_fn("sgd", {"momentum": 0.9}), 0.0) == math.inf  # λ = 0: nothing moves
+    with pytest.raises(ValueError, match="unstable down to 1e-300"):
+        largest_stable_lr(lambda s, lr: np.array([[1.0 + lr + 1e-3]]), 1.0)
+    assert is_stable(np.eye(2)) and is_stable([[0.0, -1.0], [1.0, 0.0]])  # |eig| = 1 exactly: marginal
+    assert not is_stable([[np.inf]]) and not is_stable([[1.0 + 1e-15]])
+    # a rotation by θ scaled by r: unstable exactly when r > 1, whatever the angle
+    rot = lambda r, lr: r * np.array([[math.cos(lr), -math.sin(lr)], [math.sin(lr), math.cos(lr)]])  # noqa: E731
+    assert largest_stable_sharpness(rot, 0.7, start=0.3) == pytest.approx(1.0, rel=1e-15)
+    with pytest.raises(ValueError, match="must be square"):
+        spectral_radius(np.ones((2, 3)))

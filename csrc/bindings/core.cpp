@@ -147,6 +147,8 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("n_verify_rounds", [](CpuState& s) { return s.lz_.n_verify_rounds(); })
       .def_property_readonly("basis_size", [](CpuState& s) { return s.lz_.basis_size(); })
       .def_property_readonly("n_locked", [](CpuState& s) { return s.lz_.n_locked(); })
+      .def_property_readonly("bytes_moved", [](CpuState& s) { return s.basis_.bytes_moved(); },
+                             "Bytes the basis kernels must move at the least (traffic model for the roofline).")
       .def_property_readonly("anorm", [](CpuState& s) { return s.lz_.anorm(); })
       .def_property_readonly("noise_level", [](CpuState& s) { return s.lz_.noise_level(); })
       .def_property_readonly("asymmetry", [](CpuState& s) { return s.lz_.asymmetry(); })
@@ -165,6 +167,25 @@ PYBIND11_MODULE(_core, m) {
         d["residual"] = to_array(s.lz_.hist_residual());
         return d;
       });
+
+  m.def(
+      "symeig",
+      [](py::array_t<double, py::array::c_style | py::array::forcecast> a) {
+        if (a.ndim() != 2 || a.shape(0) != a.shape(1)) throw std::invalid_argument("symeig needs a square matrix");
+        const int n = static_cast<int>(a.shape(0));
+        py::array_t<double> w(n), z({n, n});
+        std::vector<double> work(std::max(n, 1));
+        bool ok;
+        {
+          py::gil_scoped_release release;
+          ok = pycurv::symeig(n, a.data(), n, w.mutable_data(), z.mutable_data(), work.data());
+        }
+        if (!ok) throw std::runtime_error("symeig: QL iteration did not converge");
+        return py::make_tuple(w, z);
+      },
+      py::arg("a"),
+      "Eigen-decomposition of a small dense symmetric matrix with the core's Ritz solver "
+      "(Householder tridiagonalisation + implicit QL). Returns (ascending eigenvalues, eigenvectors as columns).");
 
   m.def("build_info", []() {
     py::dict d;
@@ -185,6 +206,16 @@ PYBIND11_MODULE(_core, m) {
     d["cxx_standard"] = static_cast<long>(__cplusplus);
     return d;
   });
+
+  m.def(
+      "read_bandwidth",
+      [](int64_t n, int repeats) {
+        if (n < 1) throw std::invalid_argument("n must be >= 1");
+        py::gil_scoped_release release;
+        return pycurv::measure_read_bandwidth(n, repeats);
+      },
+      py::arg("n") = 64 << 20, py::arg("repeats") = 5,
+      "Read bandwidth in bytes/s of one threaded pass over n doubles (best of repeats).");
 
   m.def(
       "set_num_threads",

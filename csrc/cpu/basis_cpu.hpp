@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <vector>
 
@@ -43,6 +44,11 @@ class CpuBasis {
   // out[0] = |w - theta * ritz_r|^2 with w an external vector of this process's rows.
   void residual(const double* w, int r, double theta, double* out);
 
+  // Bytes the kernels called so far must move between memory and the cores at
+  // the least (every basis vector read once per pass, w read and written where
+  // it changes): the traffic model behind the bandwidth roofline in bench/.
+  double bytes_moved() const { return bytes_; }
+
  private:
   int64_t chunks() const;
   void sum_chunks(int width, double* out) const;
@@ -50,9 +56,19 @@ class CpuBasis {
   int64_t n_;
   int nslots_;
   int nritz_;
-  std::unique_ptr<double[]> data_;
-  std::unique_ptr<double[]> ritz_;
+  struct Free {
+    void operator()(double* p) const { std::free(p); }
+  };
+  std::unique_ptr<double[], Free> data_;
+  std::unique_ptr<double[], Free> ritz_;
   std::vector<double> partial_;
+  double bytes_ = 0.0;
+  void count(double vectors) { bytes_ += vectors * 8.0 * static_cast<double>(n_); }
 };
+
+// Best-of-`repeats` read bandwidth (bytes/s) of this machine for one pass over
+// n doubles with the basis kernels' threading and memory layout: the roofline
+// reference in bench/.
+double measure_read_bandwidth(int64_t n, int repeats);
 
 }  // namespace pycurv

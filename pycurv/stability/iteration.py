@@ -55,8 +55,14 @@ def spectral_radius(matrix) -> float:
 
 
 def is_stable(matrix) -> bool:
-    """True when ρ(M) ≤ 1 (marginal stability, ρ = 1, counts as stable)."""
-    return spectral_radius(matrix) <= 1.0
+    """True when ρ(M) ≤ 1 (marginal stability, ρ = 1, counts as stable).
+
+    A matrix with NaN or Inf entries (an overflowing search) counts as unstable.
+    """
+    m = np.asarray(matrix, dtype=np.float64)
+    if not np.all(np.isfinite(m)):
+        return False
+    return spectral_radius(m) <= 1.0
 
 
 def largest_stable_value(stable: Callable[[float], bool], start: float) -> float:

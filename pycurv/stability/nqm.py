@@ -338,10 +338,13 @@ def nqm_lr_grid(model: NoisyQuadraticModel, n: int = 80, *, decades: float = 4.0
 
 def _best(dyns, lrs, b, target, max_steps) -> tuple[float, float]:
     best_lr, best_steps = math.nan, math.inf
-    for lr, dyn in zip(lrs, dyns):
-        s = _steps(dyn, b, target, max_steps)
-        if s < best_steps:
-            best_lr, best_steps = float(lr), s
+    # Largest learning rate first; each search stops once it cannot beat the best so far
+    # (a tie goes to the smaller learning rate).
+    for i in np.argsort(lrs)[::-1]:
+        cap = max_steps if math.isinf(best_steps) else int(best_steps)
+        s = _steps(dyns[i], b, target, cap)
+        if math.isfinite(s) and s <= best_steps:
+            best_lr, best_steps = float(lrs[i]), s
     return best_lr, best_steps
 
 
@@ -392,8 +395,9 @@ class BatchScaling:
 
     @property
     def speedup(self) -> np.ndarray:
-        """steps at the smallest batch size / steps."""
-        return self.steps[0] / self.steps
+        """steps at the smallest batch size / steps (nan where both are inf)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.steps[0] / self.steps
 
     @property
     def lr_fraction(self) -> np.ndarray:

@@ -8,7 +8,7 @@ here has a closed form ``λ ≤ A/η − B``, derived from the Jury conditions o
 M's characteristic polynomial and tested against the spectral-radius search of
 :mod:`pycurv.stability.iteration` and against simulations of the update rules.
 
-Conventions are PyTorch's ``torch.optim`` (read them in each docstring):
+Conventions are PyTorch's ``torch.optim`` update rules (matrices in :func:`iteration_matrix`):
 
 ======================  ==========================================  =====================================
 optimizer               recurrence on a gradient g                  stable iff
@@ -299,7 +299,9 @@ def iteration_matrix(optimizer: str, sharpness, lr, **hyperparameters) -> np.nda
       n = P^{-1/2}m, M = [[1 − η·wd − η(1 − β1)λ, −ηβ1], [(1 − β1)λ, β1]], wd = 0 for Adam.
     - RMSprop: as SGD heavy ball with d = 0 (or as SGD when momentum = 0), in u-coordinates.
 
-    Every M is affine in λ, which :mod:`pycurv.stability.noisy` uses for minibatch noise.
+    PyTorch's first momentum step sets b = g without dampening: a transient that does
+    not change stability. Every M is affine in λ, which :mod:`pycurv.stability.noisy`
+    uses for minibatch noise.
     """
     lam = as_real("sharpness", sharpness)
     lr = check_lr(lr)

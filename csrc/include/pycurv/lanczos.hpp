@@ -496,12 +496,31 @@ class Lanczos {
     }
     return beats;
   }
-  // The verification chain's extreme Ritz pair (both for BE) has converged.
+  // The verification chain's extreme Ritz pair (both for BE) is known well
+  // enough to decide whether it belongs to the wanted set: its residual is
+  // within tol, or within a tenth of its distance to the worst locked value. A
+  // random-start Ritz pair with such a residual is resolved locally, so an
+  // eigenvalue beyond the wanted boundary would already have pulled it up.
   bool extremes_converged() const {
     if (a_ == 0) return false;
+    auto settled = [this](int c, double boundary) {
+      const double v = cand_value(c);
+      const double slack = std::isfinite(boundary) ? 0.1 * std::fabs(boundary - v) : 0.0;
+      return cand_rho(c) <= std::max(est_safety_ * o_.tol * scale_of(v), slack);
+    };
     bool ok = true;
-    if (o_.which != Which::SA) ok = ok && cand_converged(L_ + a_ - 1);  // theta_ ascending
-    if (o_.which != Which::LA) ok = ok && cand_converged(L_);
+    if (o_.which != Which::SA) {  // top of the chain against the lowest locked high value
+      double worst = INFINITY;
+      for (int l = 0; l < L_; ++l)
+        if (o_.which == Which::LA || lock_theta_[l] >= lock_mid_) worst = std::min(worst, lock_theta_[l]);
+      ok = ok && settled(L_ + a_ - 1, cand_value(L_ + a_ - 1) < worst ? worst : NAN);
+    }
+    if (o_.which != Which::LA) {  // bottom of the chain against the highest locked low value
+      double worst = -INFINITY;
+      for (int l = 0; l < L_; ++l)
+        if (o_.which == Which::SA || lock_theta_[l] < lock_mid_) worst = std::max(worst, lock_theta_[l]);
+      ok = ok && settled(L_, cand_value(L_) > worst ? worst : NAN);
+    }
     return ok;
   }
 

@@ -180,13 +180,24 @@ inline bool tridiagonal_ql(int n, double* d, double* e, double* z) {
 
 // Eigen-decomposition of the symmetric matrix a (n x n, row-major, leading
 // dimension lda). w: n eigenvalues ascending; z: n x n row-major, eigenvector i
-// in column i; work: n doubles. Returns false on failure to converge.
+// in column i; work: n doubles. The matrix is scaled to max |a_ij| = 1 first so
+// that products of two off-diagonal entries neither underflow nor overflow.
+// Returns false on failure to converge.
 inline bool symeig(int n, const double* a, int lda, double* w, double* z, double* work) {
+  double amax = 0.0;
   for (int r = 0; r < n; ++r)
-    for (int c = 0; c < n; ++c) z[static_cast<int64_t>(r) * n + c] = a[static_cast<int64_t>(r) * lda + c];
+    for (int c = 0; c < n; ++c) amax = std::fmax(amax, std::fabs(a[static_cast<int64_t>(r) * lda + c]));
+  const double inv = amax > 0.0 ? 1.0 / amax : 1.0;
+  const bool rescale = amax > 0.0 && std::isfinite(inv);
+  for (int r = 0; r < n; ++r)
+    for (int c = 0; c < n; ++c)
+      z[static_cast<int64_t>(r) * n + c] = a[static_cast<int64_t>(r) * lda + c] * (rescale ? inv : 1.0);
   if (n == 0) return true;
   tridiagonalize(n, z, w, work);
-  return tridiagonal_ql(n, w, work, z);
+  const bool ok = tridiagonal_ql(n, w, work, z);
+  if (rescale)
+    for (int i = 0; i < n; ++i) w[i] *= amax;
+  return ok;
 }
 
 }  // namespace pycurv

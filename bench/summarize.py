@@ -1,0 +1,82 @@
+"""Turns a pytest-benchmark JSON file into the Markdown tables of bench/RESULTS.md.
+
+Usage: python bench/summarize.py RUN.json
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+
+def _machine(data):
+    m = data.get("machine_info", {})
+    cpu = m.get("cpu", {})
+    build = m.get("pycurv_build", {})
+    return (f"{cpu.get('brand_raw', m.get('processor', '?'))}, {m.get('cpu_count', '?')} cores; "
+            f"Python {m.get('python_version', '?')}; pycurv {m.get('pycurv', '?')} "
+            f"({build.get('compiler', '?')}, OpenMP threads {build.get('max_threads', '?')})")
+
+
+def lanczos_table(benches):
+    rows = defaultdict(dict)
+    for b in benches:
+        e = b["extra_info"]
+        if "solver" in e and "case" in e and "matvecs" in e:
+            rows[e["case"]][e["solver"]] = (e, b["stats"]["median"])
+    if not rows:
+        return ""
+    out = ["| spectrum | pycurv matvecs | ARPACK matvecs | ratio | power-iteration matvecs | "
+           "pycurv s | ARPACK s | power s | correct (pycurv / ARPACK / power) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    ratios = []
+    for case, by in rows.items():
+        p, a, w = by.get("pycurv"), by.get("arpack"), by.get("power")
+        ratio = ""
+        if p and a and a[0]["correct"] and a[0]["matvecs"]:
+            r = p[0]["matvecs"] / a[0]["matvecs"]
+            ratios.append(r)
+            ratio = f"{r:.2f}"
+        def mv(x):
+            return "–" if x is None else str(x[0]["matvecs"])
+        def t(x):
+            return "–" if x is None else f"{x[1]:.3g}"
+        def ok(x):
+            return "–" if x is None else ("yes" if x[0]["correct"] else "**no**")
+        out.append(f"| {case} | {mv(p)} | {mv(a)} | {ratio} | {mv(w)} | {t(p)} | {t(a)} | {t(w)} | "
+                   f"{ok(p)} / {ok(a)} / {ok(w)} |")
+    if ratios:
+        out.append("")
+        out.append(f"Median matvec ratio pycurv/ARPACK over the spectra where ARPACK is correct: "
+                   f"**{statistics.median(ratios):.2f}** ({len(ratios)} spectra).")
+    return "\n".join(out)
+
+
+def roofline_table(benches):
+    rows = [b for b in benches if "roofline_s" in b["extra_info"]]
+    if not rows:
+        return ""
+    bw = rows[0]["extra_info"]["bandwidth_gbs"]
+    out = [f"Read bandwidth (roofline reference): {bw:.1f} GB/s", "",
+           "| n | ncv | steps | restarts | core ms/step | roofline ms/step | core / roofline |",
+           "|---|---|---|---|---|---|---|"]
+    for b in sorted(rows, key=lambda b: (b["extra_info"]["n"], b["extra_info"]["ncv"])):
+        e = b["extra_info"]
+        out.append(f"| {e['n']:.0e} | {e['ncv']} | {e['steps']} | {e['restarts']} | {e['core_ms_per_step']:.1f} | "
+                   f"{e['roofline_ms_per_step']:.1f} | {e['ratio']:.2f} |")
+    return "\n".join(out)
+
+
+def main(path):
+    data = json.load(open(path))
+    benches = data["benchmarks"]
+    print(f"Machine: {_machine(data)}\n")
+    for table in (lanczos_table(benches), roofline_table(benches)):
+        if table:
+            print(table + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,240 @@
+"""pycurv.lanczos against dense numpy.linalg.eigh on prescribed spectra, including the ones that break other tools."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse
+import scipy.sparse.linalg
+
+import pycurv
+from _reference import EPS, check, dense, reference
+
+
+def _linspace(lo, hi, n):
+    return np.linspace(lo, hi, n)
+
+
+SPECTRA = {
+    # power iteration returns -5 here; the sharpness is 2
+    "dominant_negative": lambda n: np.r_[-5.0, _linspace(-1.0, 2.0, n - 1)],
+    "repeated_top_x3": lambda n: np.r_[10.0, 10.0, 10.0, _linspace(0.0, 9.0, n - 3)],
+    # lambda_1 at the edge of a continuum: square-root density of states at the top
+    "continuum_edge": lambda n: 1.0 - np.linspace(0.0, 1.0, n) ** 2,
+    "near_degenerate_1e-6": lambda n: np.r_[1.0, 1.0 - 1e-6, _linspace(-1.0, 0.5, n - 2)],
+    "rank_one": lambda n: np.r_[3.0, np.zeros(n - 1)],
+    "zero": lambda n: np.zeros(n),
+    "clustered_bottom": lambda n: np.r_[-2.0, -2.0 + 1e-9, _linspace(-1.0, 1.0, n - 2)],
+}
+
+
+@pytest.mark.parametrize("name", list(SPECTRA))
+@pytest.mark.parametrize("which", ["LA", "SA", "BE"])
+@pytest.mark.parametrize("k", [1, 4])
+def test_spectra_against_eigh(name, which, k):
+    n = 120
+    a = dense(SPECTRA[name](n), seed=1)
+    tol = 1e-12
+    res = pycurv.lanczos(a, k, which=which, tol=tol, seed=7, max_matvecs=20000)
+    check(a, res, k, which, tol=tol)
+
+
+def test_dominant_negative_returns_largest_algebraic():
+    a = dense(np.r_[-5.0, _linspace(-1.0, 2.0, 199)], seed=3)
+    res = pycurv.lanczos(a, 1, tol=1e-10, seed=0)
+    assert abs(res.eigenvalues[0] - 2.0) < 1e-12
+    assert pycurv.sharpness(a, tol=1e-10, seed=0) == pytest.approx(2.0, abs=1e-12)
+    assert pycurv.lanczos(a, 1, which="SA", tol=1e-10, seed=0).eigenvalues[0] == pytest.approx(-5.0, abs=1e-12)
+
+
+def test_repeated_top_three_copies_and_the_next():
+    n = 300  # larger than ncv: the copies must be found through restarts and verification, not breakdown
+    a = dense(np.r_[10.0, 10.0, 10.0, _linspace(0.0, 9.0, n - 3)], seed=4)
+    res = pycurv.lanczos(a, 4, tol=1e-10, seed=2)
+    check(a, res, 4, tol=1e-10)
+    np.testing.assert_allclose(res.eigenvalues, [10.0, 10.0, 10.0, 9.0], rtol=0, atol=1e-12)
+    assert res.n_verify_rounds >= 1  # hidden copies are found by fresh random searches after locking
+
+
+def test_multiplicity_check_costs_matvecs_not_accuracy():
+    """On a simple spectrum the check changes nothing but the work done (one extra deflated search)."""
+    n = 300
+    a = dense(np.r_[_linspace(0.0, 9.0, n - 4), 10.0, 11.0, 12.0, 13.0], seed=4)
+    plain = pycurv.lanczos(a, 4, tol=1e-10, seed=2, check_multiplicity=False)
+    checked = pycurv.lanczos(a, 4, tol=1e-10, seed=2)
+    check(a, plain, 4, tol=1e-10)
+    check(a, checked, 4, tol=1e-10)
+    np.testing.assert_allclose(checked.eigenvalues, plain.eigenvalues, rtol=0, atol=1e-12)
+    assert plain.n_verify_rounds == 0 and checked.n_verify_rounds == 1
+    assert checked.n_matvecs > plain.n_matvecs
+
+
+def test_near_degenerate_top_resolved():
+    n = 200
+    a = dense(np.r_[1.0, 1.0 - 1e-6, _linspace(-1.0, 0.5, n - 2)], seed=5)
+    res = pycurv.lanczos(a, 2, tol=1e-12, seed=1, max_matvecs=20000)
+    check(a, res, 2, tol=1e-12)
+    assert res.eigenvalues[0] - res.eigenvalues[1] == pytest.approx(1e-6, rel=1e-6)
+    # k = 1: the top eigenvalue and its eigenvector, not a mixture of the two
+    res1 = pycurv.lanczos(a, 1, tol=1e-12, seed=1, max_matvecs=20000)
+    w, v = np.linalg.eigh(a)
+    assert abs(res1.eigenvalues[0] - w[-1]) <= 2000 * EPS
+    assert abs(abs(res1.eigenvectors[:, 0] @ v[:, -1]) - 1.0) < 1e-8
+
+
+def test_continuum_edge_large_n_with_restarts():
+    """lambda_i = 1 - (i/n)^2: the top sits at the edge of a continuum with gaps of 1/n^2."""
+    n = 2000
+    lam = 1.0 - np.linspace(0.0, 1.0, n) ** 2
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal(n)
+    q /= np.linalg.norm(q)
+
+    def mv(x):  # diag(lam) in a rotated basis (one Householder reflection keeps the matvec O(n))
+        y = x - 2.0 * (q @ x) * q
+        y = lam * y
+        return y - 2.0 * (q @ y) * q
+
+    res = pycurv.lanczos(mv, 1, n=n, tol=1e-6, seed=0, max_matvecs=20000)
+    assert res.converged and res.n_restarts > 0
+    assert res.residuals_explicit  # a callable: convergence confirmed with A y computed
+    assert 0.0 <= 1.0 - res.eigenvalues[0] <= res.residual_norms[0] + 1.0 / n**2
+
+
+def test_rank_one():
+    u = np.random.default_rng(0).standard_normal(50)
+    a = 3.0 * np.outer(u, u) / (u @ u)
+    res = pycurv.lanczos(a, 1, tol=1e-12, seed=0)
+    check(a, res, 1, tol=1e-12)
+    assert res.n_matvecs <= 3  # breakdown after two steps: the Krylov space is invariant
+    assert abs(abs(res.eigenvectors[:, 0] @ u) / np.linalg.norm(u) - 1.0) < 1e-13
+
+
+def test_zero_operator():
+    a = np.zeros((40, 40))
+    res = pycurv.lanczos(a, 1, seed=0)
+    assert res.converged and res.eigenvalues[0] == 0.0 and res.n_matvecs == 1
+    res3 = pycurv.lanczos(a, 3, which="BE", seed=0)
+    assert res3.converged and np.all(res3.eigenvalues == 0.0)
+    assert np.max(np.abs(res3.eigenvectors.T @ res3.eigenvectors - np.eye(3))) <= 1e-12
+
+
+def test_n_equals_one():
+    res = pycurv.lanczos(np.array([[4.5]]), 1, seed=0)
+    assert res.converged and res.eigenvalues[0] == 4.5 and res.n_matvecs == 1
+    assert abs(abs(res.eigenvectors[0, 0]) - 1.0) < 1e-15
+    assert pycurv.sharpness(np.array([[-2.0]])) == -2.0
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "BE"])
+def test_k_equals_n_full_spectrum(which):
+    lam = np.r_[3.0, 3.0, -1.0, 0.5, 0.5, 0.5, 2.0, -4.0]
+    a = dense(lam, seed=9)
+    res = pycurv.lanczos(a, lam.size, which=which, tol=1e-12, seed=0)
+    check(a, res, lam.size, which, tol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e12])
+@pytest.mark.parametrize("which", ["LA", "SA"])
+def test_scaled_spectra(scale, which):
+    lam = scale * np.r_[-5.0, _linspace(-1.0, 2.0, 99)]
+    a = dense(lam, seed=2)
+    res = pycurv.lanczos(a, 3, which=which, tol=1e-11, seed=0)
+    check(a, res, 3, which, tol=1e-11)
+
+
+def test_same_seed_bit_identical_any_thread_count():
+    a = dense(np.r_[-5.0, _linspace(-1.0, 2.0, 299)], seed=3)
+    op = pycurv.FunctionOperator(lambda x: a @ x, 300)
+    r1 = pycurv.lanczos(op, 3, tol=1e-10, seed=123, ncv=12)
+    try:
+        pycurv.set_num_threads(1)
+        r2 = pycurv.lanczos(op, 3, tol=1e-10, seed=123, ncv=12)
+    finally:
+        pycurv.set_num_threads(pycurv.build_info()["max_threads"])
+    assert r1.n_restarts > 0
+    assert np.array_equal(r1.eigenvalues, r2.eigenvalues)
+    assert np.array_equal(r1.eigenvectors, r2.eigenvectors)
+    assert np.array_equal(r1.residual_norms, r2.residual_norms)
+    assert r1.n_matvecs == r2.n_matvecs
+    r3 = pycurv.lanczos(op, 3, tol=1e-10, seed=124, ncv=12)
+    assert not np.array_equal(r1.eigenvectors, r3.eigenvectors)
+
+
+def test_large_n_threaded_kernels_bit_identical():
+    # n above one 8192-row chunk, so the kernels run in parallel over chunks
+    n = 50_000
+    lam = np.r_[7.0, 6.5, np.linspace(-1.0, 6.0, n - 2)]
+    op = pycurv.MatrixOperator(scipy.sparse.diags(lam))
+    res = [pycurv.lanczos(op, 2, tol=1e-9, seed=5) for _ in range(2)]
+    assert np.array_equal(res[0].eigenvectors, res[1].eigenvectors)
+    np.testing.assert_allclose(res[0].eigenvalues, [7.0, 6.5], rtol=0, atol=1e-12)
+
+
+def test_thick_restart_small_basis():
+    lam = np.r_[_linspace(-1.0, 1.0, 400)]
+    a = dense(lam, seed=6)
+    res = pycurv.lanczos(a, 5, ncv=8, tol=1e-10, seed=0, max_matvecs=50000)
+    check(a, res, 5, tol=1e-10)
+    assert res.n_restarts > 10 and res.ncv == 8
+
+
+def test_warm_start_from_ritz_vector():
+    a = dense(np.r_[_linspace(-1.0, 1.0, 399), 1.01], seed=8)
+    cold = pycurv.lanczos(a, 1, tol=1e-10, seed=0)
+    warm = pycurv.lanczos(a + 1e-6 * np.eye(400), 1, tol=1e-10, v0=cold.eigenvectors[:, 0])
+    assert warm.n_matvecs < cold.n_matvecs / 2
+    assert warm.eigenvalues[0] == pytest.approx(1.01 + 1e-6, abs=1e-12)
+
+
+def test_start_vector_in_an_invariant_subspace_still_finds_the_top():
+    """v0 = eigenvector of the smallest eigenvalue: Lanczos breaks down at once; the search must go on."""
+    lam = np.r_[-3.0, _linspace(-1.0, 2.0, 59)]
+    a = dense(lam, seed=10)
+    w, v = np.linalg.eigh(a)
+    res = pycurv.lanczos(a, 1, tol=1e-12, v0=v[:, 0], seed=0)
+    assert res.eigenvalues[0] == pytest.approx(2.0, abs=1e-12)
+    assert res.n_breakdowns >= 1
+
+
+def test_input_types_agree(rng):
+    sp = scipy.sparse
+    sla = scipy.sparse.linalg
+    a = dense(np.r_[-5.0, _linspace(-1.0, 2.0, 79)], seed=11)
+
+    class Duck:
+        shape = (80, 80)
+
+        def matvec(self, x):
+            return a @ x
+
+    inputs = {
+        "ndarray": a,
+        "list": a.tolist(),
+        "sparse": sp.csr_matrix(a),
+        "LinearOperator": sla.aslinearoperator(a),
+        "duck": Duck(),
+        "callable": lambda x: a @ x,
+    }
+    vals = {}
+    for name, A in inputs.items():
+        kw = {"n": 80} if name == "callable" else {}
+        vals[name] = pycurv.lanczos(A, 2, tol=1e-12, seed=0, **kw).eigenvalues
+    for name, v in vals.items():
+        np.testing.assert_allclose(v, reference(a, 2, "LA"), rtol=0, atol=1e-12, err_msg=name)
+
+
+def test_no_eigenvectors_requested():
+    a = dense(_linspace(0.0, 1.0, 30), seed=0)
+    res = pycurv.lanczos(a, 2, return_eigenvectors=False, seed=0)
+    assert res.eigenvectors is None and res.converged
+
+
+def test_result_is_frozen_and_reports_time():
+    a = dense(_linspace(0.0, 1.0, 30), seed=0)
+    res = pycurv.lanczos(a, 1, seed=0)
+    with pytest.raises(Exception):
+        res.converged = False  # type: ignore[misc]
+    assert res.time_total >= res.time_matvec + res.time_core - 1e-9
+    assert res.history.n_matvecs[-1] <= res.n_matvecs
+    assert "LanczosResult" in repr(res)
