@@ -73,8 +73,11 @@ def test_sgd_is_not_a_preconditioner():
     model = tm.mlp_tanh()
     batch = tm.classification_batches([8])[0]
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    with pytest.raises(TypeError, match="preconditioner must be a torch.optim.Adam or AdamW.*got SGD"):
+    with pytest.raises(TypeError, match="preconditioner must be a torch.optim.Adam, AdamW or RMSprop.*got SGD"):
         pt.hessian(model, F.cross_entropy, batch, preconditioner=opt)
+    rms = torch.optim.RMSprop(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="RMSprop passed as preconditioner has taken no step yet"):
+        pt.hessian(model, F.cross_entropy, batch, preconditioner=rms)
 
 
 def test_bad_diagonal_is_rejected():
