@@ -69,11 +69,41 @@ def roofline_table(benches):
     return "\n".join(out)
 
 
+def torch_table(benches):
+    rows = {b["extra_info"]["solver"]: b for b in benches if "hvps" in b["extra_info"]}
+    if not rows:
+        return ""
+    any_e = next(iter(rows.values()))["extra_info"]
+    out = [f"{any_e['case']}, {any_e['samples']} samples, float64 HVPs on {any_e['torch_threads']} torch thread(s) "
+           f"(torch {any_e['torch']}); one HVP alone: {any_e['hvp_seconds']:.3f} s; tol {any_e['tol']:g}", "",
+           "| solver | HVPs | wall s | λ1 | relative error | converged | HVPs vs pycurv | time vs pycurv |",
+           "|---|---|---|---|---|---|---|---|"]
+    p = rows.get("pycurv")
+    for name in ("pycurv", "eigsh", "power"):
+        b = rows.get(name)
+        if b is None:
+            continue
+        e, t = b["extra_info"], b["stats"]["median"]
+        r_mv = f"{e['hvps'] / p['extra_info']['hvps']:.2f}" if p else "–"
+        r_t = f"{t / p['stats']['median']:.2f}" if p else "–"
+        out.append(f"| {name} | {e['hvps']} | {t:.1f} | {e['value']:.10g} | {e['relative_error']:.1e} | "
+                   f"{'yes' if e['converged'] else '**no**'} | {r_mv} | {r_t} |")
+    if p and "overhead" in p["extra_info"]:
+        e = p["extra_info"]
+        steps = max(e["hvps"], 1)
+        out.append("")
+        out.append(f"pycurv's own time (compiled core + Python driver) is **{100 * e['overhead']:.1f}%** of the time "
+                   f"in HVPs: {e['time_core']:.2f} s core + {e['time_other']:.3f} s driver against "
+                   f"{e['time_matvec']:.1f} s of HVPs ({1e3 * (e['time_core'] + e['time_other']) / steps:.0f} ms "
+                   f"per step against {1e3 * e['time_matvec'] / steps:.0f} ms per HVP).")
+    return "\n".join(out)
+
+
 def main(path):
     data = json.load(open(path))
     benches = data["benchmarks"]
     print(f"Machine: {_machine(data)}\n")
-    for table in (lanczos_table(benches), roofline_table(benches)):
+    for table in (lanczos_table(benches), roofline_table(benches), torch_table(benches)):
         if table:
             print(table + "\n")
 
