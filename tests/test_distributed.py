@@ -81,3 +81,32 @@ def test_nan_on_one_rank_stops_every_rank(world):
         assert o["error"].startswith("NonFiniteMatvecError: matvec call 3 returned non-finite values")
         assert "on rank(s) 1" in o["error"]
         assert o["seconds"] < 10
+
+
+# ---- shards of the basis inside one process (JAX devices use this) ----------------
+
+
+@pytest.mark.parametrize("parts", [1, 3, 4])
+def test_lanczos_sharded_in_one_process(parts):
+    from pycurv.distributed import lanczos_sharded, shard_bounds
+
+    a = matrix(240)
+    bounds = [shard_bounds(240, parts, r) for r in range(parts)]
+
+    def matvec(xs):
+        y = a @ np.concatenate(xs)
+        return [y[lo:hi] for lo, hi in bounds]
+
+    res = lanczos_sharded(matvec, bounds, 3, tol=1e-11, seed=5, ncv=14)
+    single = pycurv.lanczos(a, 3, tol=1e-11, seed=5, ncv=14)
+    np.testing.assert_allclose(res.eigenvalues, single.eigenvalues, rtol=1e-10, atol=0)
+    signs = np.sign(np.sum(res.eigenvectors * single.eigenvectors, axis=0))
+    np.testing.assert_allclose(res.eigenvectors * signs, single.eigenvectors, atol=1e-8)
+    assert res.converged and res.residuals_explicit
+
+
+def test_lanczos_sharded_rejects_bad_bounds():
+    from pycurv.distributed import lanczos_sharded
+
+    with pytest.raises(ValueError, match="consecutive non-empty row ranges"):
+        lanczos_sharded(lambda xs: xs, [(0, 5), (6, 10)])
