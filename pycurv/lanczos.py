@@ -92,19 +92,25 @@ def lanczos(
     """
     op = as_operator(A, n=n)
     N = op.shape[0]
+    comm = getattr(op, "comm", None)
+    n_local = int(getattr(op, "n_local", N))
+    offset = int(getattr(op, "offset", 0))
+    sharded = comm is not None and (n_local != N or offset != 0 or comm.size > 1 and hasattr(op, "n_local"))
     k = _checks.check_k(k, N)
     which = _checks.check_which(which)
     tol = _checks.check_tol(tol)
     ncv = _checks.check_ncv(ncv, k, N)
     max_matvecs = _checks.check_max_matvecs(max_matvecs, ncv, k)
-    v0 = None if v0 is None else _checks.check_v0(v0, N)
+    v0 = None if v0 is None else _checks.check_v0(v0, n_local)
     seed = _checks.check_seed(seed)
+    if comm is not None:
+        seed, v0 = _agree(comm, seed, v0, n_local, sharded)
     if check_multiplicity is None:
         check_multiplicity = k >= 2
     state = core.LanczosState(
-        n_local=N,
+        n_local=n_local,
         n_global=N,
-        offset=0,
+        offset=offset,
         k=k,
         ncv=ncv,
         which=WHICH_CODE[which],
@@ -115,18 +121,38 @@ def lanczos(
         check_multiplicity=bool(check_multiplicity),
         explicit_residuals=not op.exact,
         want_vectors=bool(return_eigenvectors),
-        yield_reduce=False,
+        yield_reduce=sharded,
         unit_roundoff=op.unit_roundoff if op.dtype is not None else 2.0**-53,
     )
     if v0 is not None:
         state.start_vector()[:] = v0
-    timing = drive(state, op.matvec, N, learn_dtype=op.dtype is None, callback=callback)
+    timing = drive(state, op.matvec, n_local, reduce=comm.allreduce_sum if sharded else None,
+                   learn_dtype=op.dtype is None, callback=callback, comm=comm)
     result = collect(state, timing, which=which, tol=tol, ncv=ncv, seed=seed, max_matvecs=max_matvecs,
                      want_vectors=return_eigenvectors)
     if not result.converged:
         warnings.warn(result.message, ConvergenceWarning, stacklevel=2)
     return result
 
+
+def _agree(comm, seed: int, v0, n_local: int, sharded: bool):
+    """Makes every rank start from the same place: rank 0's seed; rank 0's v0 (replicated) or every rank's shard."""
+    buf = np.array([seed % 2**63], dtype=np.int64)
+    comm.broadcast(buf, root=0)
+    seed = int(buf[0])
+    have = comm.allreduce_max(1 if v0 is not None else 0)
+    if sharded:
+        if have and comm.allreduce_max(1 if v0 is None else 0):
+            raise ValueError(f"v0 was given on some ranks but not on rank {comm.rank}: with a sharded basis every "
+                             "rank passes its rows of v0 (or none does)")
+        return seed, v0
+    if have:
+        full = np.zeros(n_local) if v0 is None else np.ascontiguousarray(v0, dtype=np.float64)
+        comm.broadcast(full, root=0)
+        if not np.any(full):
+            raise ValueError("v0 must be given on rank 0 (its v0 is used by every rank)")
+        v0 = full
+    return seed, v0
 
 def sharpness(A, **kwargs) -> float:
     """The largest algebraic eigenvalue of ``A`` (the sharpness, lambda_1, of a Hessian).
@@ -147,32 +173,41 @@ def sharpness(A, **kwargs) -> float:
 
 
 def drive(state, matvec: Callable, n_local: int, *, reduce: Optional[Callable] = None,
-          learn_dtype: bool = False, callback=None) -> dict:
+          learn_dtype: bool = False, callback=None, comm=None) -> dict:
     """Answers the state's requests until it is done; returns the time spent.
 
     ``reduce(buffer)`` sums a float64 buffer over processes in place (None: one
-    process). Exceptions raised by ``matvec`` propagate unchanged.
+    process). With a communicator ``comm`` every matvec runs under
+    :func:`pycurv.distributed.guard`, so a failure on one rank stops all ranks,
+    and a callback's request to stop is agreed by all ranks. Exceptions raised
+    by ``matvec`` propagate unchanged.
     """
+    if comm is not None:
+        from .distributed import guard
+
     t_start = time.perf_counter()
     t_mv = 0.0
     t_core = 0.0
     count = 0
     y = None
+
+    def checked(x, count):
+        return _checks.matvec_output(matvec(x), n_local, count)
+
     while True:
         t0 = time.perf_counter()
         try:
             req = int(state.advance())
         except core.NonFiniteError:
             t_core += time.perf_counter() - t0
-            raise _nonfinite(y, count) from None
+            raise _nonfinite(y, count, comm) from None
         t_core += time.perf_counter() - t0
         if req == MATVEC:
             x = state.matvec_input()
-            t0 = time.perf_counter()
-            y = matvec(x)
-            t_mv += time.perf_counter() - t0
             count += 1
-            y = _checks.matvec_output(y, n_local, count)
+            t0 = time.perf_counter()
+            y = checked(x, count) if comm is None else guard(comm, checked, x, count)
+            t_mv += time.perf_counter() - t0
             if learn_dtype and count == 1:
                 state.set_unit_roundoff(unit_roundoff(y.dtype))
             state.set_matvec_output(y)
@@ -182,7 +217,10 @@ def drive(state, matvec: Callable, n_local: int, *, reduce: Optional[Callable] =
         elif req == STEP:
             if callback is not None:
                 info = LanczosProgress(int(state.n_matvecs), state.current_values(), state.current_residuals())
-                if callback(info) is True:
+                stop = callback(info) is True
+                if comm is not None:
+                    stop = bool(comm.allreduce_max(int(stop)))
+                if stop:
                     state.stop()
         elif req == DONE:
             break
@@ -191,19 +229,29 @@ def drive(state, matvec: Callable, n_local: int, *, reduce: Optional[Callable] =
     return {"matvec": t_mv, "core": t_core, "total": time.perf_counter() - t_start}
 
 
-def _nonfinite(y, count: int) -> NonFiniteMatvecError:
-    if y is not None:
-        arr = np.asarray(y)
-        bad = int(np.count_nonzero(~np.isfinite(arr)))
-        if bad:
+def _nonfinite(y, count: int, comm=None) -> NonFiniteMatvecError:
+    bad = int(np.count_nonzero(~np.isfinite(np.asarray(y)))) if y is not None else 0
+    if comm is not None:
+        # Every rank sees the same non-finite reduced norm and raises here together.
+        counts = [int(c) for c in comm.gather_messages(str(bad))]
+        ranks = [r for r, c in enumerate(counts) if c]
+        if ranks:
             return NonFiniteMatvecError(
-                f"matvec call {count} returned {bad} non-finite values (NaN or Inf) out of {arr.size}; "
-                "the operator must be finite (look for NaN parameters or an overflowing loss)",
+                f"matvec call {count} returned non-finite values (NaN or Inf) on rank(s) "
+                f"{', '.join(map(str, ranks))} ({sum(counts)} entries); the operator must be finite "
+                "(look for NaN parameters or an overflowing loss)",
                 matvec=count,
             )
+    if y is not None and bad:
+        return NonFiniteMatvecError(
+            f"matvec call {count} returned {bad} non-finite values (NaN or Inf) out of {np.asarray(y).size}; "
+            "the operator must be finite (look for NaN parameters or an overflowing loss)",
+            matvec=count,
+        )
+    if y is not None:
         return NonFiniteMatvecError(
             f"matvec call {count} returned values whose norm overflows float64 "
-            f"(max |A v| = {float(np.max(np.abs(arr))):.3g}); rescale the operator",
+            f"(max |A v| = {float(np.max(np.abs(np.asarray(y)))):.3g}); rescale the operator",
             matvec=count,
         )
     return NonFiniteMatvecError(f"matvec call {count} returned non-finite values", matvec=count)
