@@ -18,6 +18,14 @@ from pycurv._builtin_model import setup as builtin_setup  # noqa: E402
 from pycurv.cli import main  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """The command puts the cwd or the script's folder on sys.path, as `python SCRIPT.py` would: keep that
+    (and the cwd) out of the other tests, whose spawned workers inherit sys.path."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path)
+
+
 def _run(capsys, *argv):
     code = main(["sharpness", *argv])
     out, err = capsys.readouterr()
@@ -122,8 +130,6 @@ def test_module_function_and_module_variables(tmp_path, capsys, monkeypatch):
         def loss_fn(o, y):
             return ((o - y) ** 2).mean()
     """))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", list(sys.path))
     code, out, _ = _run(capsys, "mysetups:tiny", "--json", "--lr", "0.1")
     assert code == 0
     d = json.loads(out)
