@@ -197,6 +197,11 @@ class HessianOperator(HVPOperator):
             n_b = _leading(batch)
             yield batch, (1 if n_b is None else n_b)
 
+    def count_samples(self) -> int:
+        """Samples in the data (leading dimensions summed), without computing anything."""
+        source = [self._data] if self._single else self._data
+        return sum((_leading(b) or 1) for b in source)
+
     # -- products ----------------------------------------------------------
     def _raw_hvp(self, v):
         total = None

@@ -349,6 +349,21 @@ class HessianOperator(HVPOperator):
                     n_b = _leading(inp)
                 yield inp, tgt, (1 if n_b is None else n_b)
 
+    def count_samples(self) -> int:
+        """Samples in the data, by one pass that neither computes nor moves anything to the device.
+
+        E.g. the ``weight`` of this rank's operator in
+        ``pycurv.distributed.DataParallelOperator(H.matvec, n, comm, weight=H.count_samples())``.
+        """
+        source = [self._data] if self._single else self._data
+        total = 0
+        for item in source:
+            inputs, targets = item
+            n_b = _leading(targets)
+            n_b = _leading(inputs) if n_b is None else n_b
+            total += 1 if n_b is None else n_b
+        return total
+
     def _place(self, t):
         if self._cast_data and t.is_floating_point():
             return t.to(device=self.torch_device, dtype=self.torch_dtype, non_blocking=True)
@@ -819,6 +834,11 @@ def hessian(
     HessianOperator
         ``shape == (n, n)``, ``dtype`` the products' arithmetic, ``exact=False``.
         Memory: one copy of the parameters and buffers, plus the products' own.
+
+    Data parallelism: on each rank build the operator on that rank's shard of the
+    data and wrap it, ``pycurv.distributed.DataParallelOperator(H.matvec, H.shape[0],
+    comm, weight=H.count_samples(), dtype=H.dtype)``; ``pycurv.lanczos`` of that is
+    the sharpness of the mean loss over all shards, the same on every rank.
     """
     return HessianOperator(model, loss_fn, data, preconditioner=preconditioner, dtype=dtype, mode=mode, seed=seed,
                            microbatch_size=microbatch_size, reduction=reduction, hvp=hvp,

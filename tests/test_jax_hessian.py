@@ -159,6 +159,7 @@ def test_layout_batches_and_reductions():
         summed = pj.hessian(lambda p, b: loss_fn(p, b) * b[0].shape[0], params, data, reduction="sum")
         assert np.max(np.abs(summed.matvec(v) - D @ v)) <= 1e-12 * np.max(np.abs(D @ v))
         H = pj.hessian(loss_fn, params, data)
+        assert H.count_samples() == 20
         theta = H.parameters_vector()
         assert np.array_equal(theta, np.asarray(ravel_pytree(params)[0]))
         assert np.array_equal(H.to_vector(H.from_vector(theta)), theta)

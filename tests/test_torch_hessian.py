@@ -110,6 +110,7 @@ def test_microbatches_and_sum_reduction_give_the_mean_hessian():
                         reduction="sum")
     assert _rel(summed.matvec(v), D @ v) <= 1e-12
     assert micro.n_samples == summed.n_samples == 30
+    assert pt.hessian(model, F.cross_entropy, [(x[:13], y[:13]), (x[13:], y[13:])]).count_samples() == 30
 
 
 def test_dataloader_and_device_placement():
