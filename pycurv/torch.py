@@ -873,8 +873,8 @@ def stability_report(model, loss_fn: Callable, data, optimizer, *, tol: Optional
     the preconditioner; their coupled ``weight_decay`` is added to H) is compared
     with their threshold, e.g. (2 + 2 beta1) / ((1 - beta1) lr) for Adam; for SGD
     (with or without momentum) the sharpness (see :mod:`pycurv.stability`). Returns a
-    :class:`pycurv.stability.MarginReport`; its ``text`` reads like
-    ``"sharpness 19.7, threshold 2/η = 20, margin 0.99: stable"``.
+    :class:`pycurv.stability.MarginReport` (``value``, ``threshold``, ``margin``,
+    ``stable``, ``quantity``); its ``text`` reads like ``"λ1 = 19.7 is at 0.99 of 2/η = 20"``.
     """
     from .stability import margin_report, threshold_from_optimizer
     from ._progress import measure_top

@@ -228,3 +228,15 @@ def test_model_with_dict_inputs_and_tuple_inputs():
     H2 = pt.hessian(model, loss, ({"u": u, "w": w}, t))
     v = np.random.default_rng(10).standard_normal(H1.shape[0])
     assert _rel(H1.matvec(v), H2.matvec(v)) <= 1e-14
+
+
+def test_bfloat16_model_converges_at_its_default_tolerance():
+    from pycurv._progress import measure_top
+
+    model = tm.mlp_tanh().to(torch.bfloat16)
+    x, y = tm.classification_batches([64])[0]
+    H = pt.hessian(model, F.cross_entropy, (x.bfloat16(), y))
+    assert H.dtype == "bfloat16" and H.unit_roundoff == 2.0**-8 and H.probe_rtol == 1e-2
+    res = measure_top(H, seed=0)  # tol 1e-2 for bfloat16
+    ref = pt.sharpness(model, F.cross_entropy, (x, y), dtype="float64", tol=1e-10)  # the same bf16 weights
+    assert res.converged and abs(res.eigenvalues[0] - ref) <= 2e-2 * ref
