@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-import torch.multiprocessing as mp  # noqa: E402
+import torch  # noqa: F401 - a test dependency: its absence must fail, not skip
+import torch.multiprocessing as mp
 
 import pycurv  # noqa: E402
 from _dist_workers import TIMEOUT_S, matrix, run  # noqa: E402

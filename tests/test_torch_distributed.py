@@ -7,8 +7,8 @@ import socket
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-import torch.multiprocessing as mp  # noqa: E402
+import torch  # noqa: F401 - a test dependency: its absence must fail, not skip
+import torch.multiprocessing as mp
 import torch.nn.functional as F  # noqa: E402
 
 import pycurv  # noqa: E402
