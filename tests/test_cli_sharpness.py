@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 import pycurv  # noqa: E402
 import pycurv.torch as pt  # noqa: E402

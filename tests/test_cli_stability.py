@@ -248,7 +248,7 @@ def test_plot_needs_matplotlib_one_line(capsys, monkeypatch, tmp_path):
 
 
 def test_plot_files(capsys, tmp_path):
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401 - a test dependency
     for argv, name in ((["bound", "--optimizer", "sgd", "--lr", "0.1", "--sharpness", "15"], "b.png"),
                        (["lr-max", "--optimizer", "adam", "--sharpness", "3e4"], "l.svg"),
                        (["bound", "--optimizer", "sgd", "--lr", "0.05", "--batch-size", "4", "--dataset-size", "100",

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("matplotlib")
+import torch  # noqa: F401 - a test dependency
+import matplotlib  # noqa: F401 - a test dependency
 
 from conftest import ROOT  # noqa: E402
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
+import jax
 
 import jax.numpy as jnp  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
@@ -170,7 +170,7 @@ def test_layout_batches_and_reductions():
 
 
 def test_optax_adam_preconditioner_matches_dense():
-    optax = pytest.importorskip("optax")
+    import optax
     with x64(True):
         params, loss_fn, data = case("layernorm-xent")
         batch = data[0]

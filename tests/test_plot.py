@@ -29,7 +29,7 @@ def test_missing_matplotlib_is_one_sentence(monkeypatch):
 
 
 def test_stability_region():
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401 - a test dependency
     from pycurv.plot import plot_stability_region
 
     fig = plot_stability_region("sgd", lr=0.1, sharpness=30.0, momentum=0.9)
@@ -47,7 +47,7 @@ def test_stability_region():
 
 
 def test_nqm_scaling_plot(tmp_path):
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401 - a test dependency
     from pycurv.plot import plot_nqm_scaling, save_figure
 
     model = NoisyQuadraticModel.zhang(10)

@@ -72,7 +72,7 @@ def test_warns_once_when_the_margin_first_exceeds_one():
 
 
 def test_csv_json_and_plot(tmp_path):
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401 - a test dependency
     tr = Tracker(every=1, tol=1e-6, warn=False)
     for step, (top, lr) in enumerate([(5.0, 0.1), (12.0, 0.1), (21.0, 0.1), (18.0, 0.05)]):
         tr.record(_Counting(_eigs(top, seed=step)), threshold("sgd", lr), step)
@@ -105,7 +105,7 @@ def test_operator_options_follow_the_threshold():
 
 
 def test_torch_tracker_follows_the_schedule_and_adam():
-    torch = pytest.importorskip("torch")
+    import torch
     import torch.nn.functional as F
 
     import pycurv.torch as pt
@@ -153,7 +153,7 @@ def test_torch_tracker_follows_the_schedule_and_adam():
 
 
 def test_torch_rmsprop_and_coupled_weight_decay():
-    torch = pytest.importorskip("torch")
+    import torch
     import torch.nn.functional as F
 
     import pycurv.torch as pt
@@ -180,8 +180,8 @@ def test_torch_rmsprop_and_coupled_weight_decay():
 
 
 def test_jax_tracker_with_a_schedule_and_with_adam():
-    jax = pytest.importorskip("jax")
-    optax = pytest.importorskip("optax")
+    import jax
+    import optax
     import jax.numpy as jnp
 
     import pycurv.jax as pj
