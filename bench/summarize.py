@@ -70,7 +70,7 @@ def roofline_table(benches):
 
 
 def torch_table(benches):
-    rows = {b["extra_info"]["solver"]: b for b in benches if "hvps" in b["extra_info"]}
+    rows = {b["extra_info"]["solver"]: b for b in benches if "hvps" in b["extra_info"] and "solver" in b["extra_info"]}
     if not rows:
         return ""
     any_e = next(iter(rows.values()))["extra_info"]
@@ -99,11 +99,27 @@ def torch_table(benches):
     return "\n".join(out)
 
 
+def distributed_table(benches):
+    rows = [b for b in benches if "basis_mib_per_rank" in b["extra_info"]]
+    if not rows:
+        return ""
+    e0 = rows[0]["extra_info"]
+    out = [f"MLP with n = {e0['n']:,} parameters, ncv = {e0['ncv']}, lambda_1 = {e0['value']:.6g}", "",
+           "| ranks | layout | HVPs | s per HVP | core s | Lanczos s | basis MiB per rank |",
+           "|---|---|---|---|---|---|---|"]
+    for b in sorted(rows, key=lambda b: (b["extra_info"]["layout"], b["extra_info"]["ranks"])):
+        e = b["extra_info"]
+        out.append(f"| {e['ranks']} | {e['layout']} | {e['hvps']} | {e['seconds_per_hvp']:.3f} | {e['core_s']:.3f} | "
+                   f"{e['lanczos_s']:.2f} | {e['basis_mib_per_rank']:.2f} |")
+    return "\n".join(out)
+
+
 def main(path):
     data = json.load(open(path))
     benches = data["benchmarks"]
     print(f"Machine: {_machine(data)}\n")
-    for table in (lanczos_table(benches), roofline_table(benches), torch_table(benches)):
+    for table in (lanczos_table(benches), roofline_table(benches), torch_table(benches),
+                  distributed_table(benches)):
         if table:
             print(table + "\n")
 

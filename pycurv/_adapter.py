@@ -128,12 +128,15 @@ class HVPOperator(Operator):
         With ``check_determinism`` the first call computes the product twice and
         raises :class:`pycurv.NonDeterministicOperatorError` if they differ.
         """
-        v = self._from_numpy(x)
+        return self._to_numpy(self._product(self._from_numpy(x)))
+
+    def _product(self, v):
+        """``hvp(v)``, computed twice on the first call when the determinism probe is pending."""
         y = self.hvp(v)
         if self._probe_pending:
             self._probe_pending = False
             self._compare(y, self.hvp(v))
-        return self._to_numpy(y)
+        return y
 
     def check_determinism(self, v=None, *, rtol: Optional[float] = None, seed: int = 0) -> float:
         """Applies the operator twice to one vector; raises if the two products differ.

@@ -106,7 +106,7 @@ class HessianOperator(HVPOperator):
     hvp_method = "forward-over-reverse"
 
     def __init__(self, loss_fn, params, data, *, preconditioner, dtype, reduction, check_determinism, probe_rtol,
-                 l2, jit):
+                 l2, jit, mesh=None, data_axis=None, shard_basis=False):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(params, batch) -> scalar, got {type(loss_fn).__name__}")
         self.reduction = _adapter.check_reduction(reduction)
@@ -124,21 +124,35 @@ class HessianOperator(HVPOperator):
         self.dtype = str(self.jax_dtype)
         cast = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype=self.jax_dtype), params)
         flat, unravel = ravel_pytree(cast)
-        self._flat = flat
         self.unravel = unravel
         self._treedef = jax.tree_util.tree_structure(params)
         n = int(flat.shape[0])
         self.shape = (n, n)
-        dev = next(iter(flat.devices()))
-        self._jax_device = dev
-        self.device = f"{dev.platform}:{dev.id}"
         self._cast_data = self.jax_dtype != jnp.dtype(params_dtype)
 
         _adapter.check_one_shot(data)
-        self._data = data
         self._single = not _is_batch_list(data)
         if not self._single and isinstance(data, list) and not data:
             raise ValueError("data is empty; pass a batch or a non-empty list of batches")
+        self.mesh = mesh
+        self._replicated = None
+        if mesh is None:
+            if shard_basis:
+                raise ValueError("shard_basis=True splits the basis over the devices of a mesh: pass mesh= too")
+            if data_axis is not None:
+                raise ValueError("data_axis names an axis of mesh=; pass the mesh too")
+        else:
+            data, flat = self._place_on_mesh(mesh, data_axis, data, flat)
+        self._data = data
+        self._flat = flat
+        dev = next(iter(flat.devices())) if mesh is None else mesh.devices.flat[0]
+        self._jax_device = dev
+        self.device = f"{dev.platform}:{dev.id}"
+        if shard_basis:
+            from .distributed import shard_bounds
+
+            ndev = int(mesh.devices.size)
+            self.shard_bounds = [shard_bounds(n, ndev, i) for i in range(ndev)]
         self._loss_fn = loss_fn
         self.l2 = float(l2)
         self._allreduce: Optional[Callable] = None  # hook for multi-process sums (scale-out)
@@ -154,9 +168,48 @@ class HessianOperator(HVPOperator):
             self._scale = (1.0 / jnp.sqrt(P)).astype(self.jax_dtype)
         super().__init__(check_determinism=check_determinism, probe_rtol=probe_rtol)
 
+    # -- several devices ---------------------------------------------------
+    def _place_on_mesh(self, mesh, data_axis, data, flat):
+        """Data parallelism inside one process: batches split over ``data_axis`` of ``mesh``.
+
+        The parameters and every product's input are replicated; each batch's
+        leading dimension is sharded, so the jitted product's sum over the batch
+        is computed on every device for its part and combined by XLA. (No
+        shard_map with an explicit pmean here: that would add a sum the mean
+        already contains.)
+        """
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        axis = data_axis if data_axis is not None else mesh.axis_names[0]
+        if axis not in mesh.axis_names:
+            raise ValueError(f"data_axis={axis!r} is not an axis of the mesh; its axes are {mesh.axis_names}")
+        ways = int(mesh.shape[axis])
+        self._replicated = NamedSharding(mesh, PartitionSpec())
+        split = NamedSharding(mesh, PartitionSpec(axis))
+
+        def place(batch):
+            def leaf(a):
+                a = jnp.asarray(a)
+                if a.ndim == 0:
+                    return jax.device_put(a, self._replicated)
+                if a.shape[0] % ways:
+                    raise ValueError(f"a batch with {a.shape[0]} samples cannot be split evenly over the {ways} "
+                                     f"devices of mesh axis {axis!r}; use batches whose size is a multiple of {ways}")
+                return jax.device_put(a, split)
+            return jax.tree_util.tree_map(leaf, batch)
+
+        placed = place(data) if self._single else [place(b) for b in data]
+        return placed, jax.device_put(flat, self._replicated)
+
+    def matvec_shards(self, xs):
+        """Shards of ``A x`` from the shards of x (``shard_bounds``): the basis split over the mesh's devices."""
+        y = self.matvec(np.concatenate([np.asarray(x) for x in xs]))
+        return [y[lo:hi] for lo, hi in self.shard_bounds]
+
     # -- boundary ----------------------------------------------------------
     def _from_numpy(self, x):
-        return jax.device_put(np.asarray(x, dtype=self.jax_dtype), self._jax_device)
+        target = self._replicated if self._replicated is not None else self._jax_device
+        return jax.device_put(np.asarray(x, dtype=self.jax_dtype), target)
 
     def _to_numpy(self, y) -> np.ndarray:
         return np.asarray(y, dtype=np.float64)
@@ -444,6 +497,9 @@ def hessian(
     probe_rtol: Optional[float] = None,
     l2: float = 0.0,
     jit: bool = True,
+    mesh=None,
+    data_axis: Optional[str] = None,
+    shard_basis: bool = False,
 ) -> HessianOperator:
     """The Hessian of ``loss_fn`` over ``data`` at ``params``, as a pycurv operator.
 
@@ -475,9 +531,22 @@ def hessian(
         Adds ``l2 * v``.
     jit : bool
         ``jax.jit`` the per-batch products (default).
+    mesh : jax.sharding.Mesh, optional
+        Data parallelism over several devices: each batch is split along its
+        leading dimension over ``data_axis`` of the mesh (batch sizes must divide
+        evenly), the parameters are replicated, and the jitted products combine
+        the devices' partial sums themselves.
+    data_axis : str, optional
+        The mesh axis the samples are split over (default: the mesh's first axis).
+    shard_basis : bool
+        With ``mesh``: split the Lanczos basis into one row shard per device of
+        the mesh (``shard_bounds``); :func:`pycurv.lanczos` then drives one core
+        state per shard and sums their dot products, as ranks of a process group
+        would. Same eigenvalues as the replicated basis.
     """
     return HessianOperator(loss_fn, params, data, preconditioner=preconditioner, dtype=dtype, reduction=reduction,
-                           check_determinism=check_determinism, probe_rtol=probe_rtol, l2=l2, jit=jit)
+                           check_determinism=check_determinism, probe_rtol=probe_rtol, l2=l2, jit=jit, mesh=mesh,
+                           data_axis=data_axis, shard_basis=shard_basis)
 
 
 def sharpness(loss_fn: Callable, params, data, *, tol: Optional[float] = None, seed: int = 0, v0=None,

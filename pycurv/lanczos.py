@@ -91,6 +91,13 @@ def lanczos(
         did not converge; ``result.converged`` and ``result.status`` say why.
     """
     op = as_operator(A, n=n)
+    if getattr(op, "shard_bounds", None) is not None:  # the basis split over devices in this process
+        from .distributed import lanczos_sharded
+
+        return lanczos_sharded(op.matvec_shards, op.shard_bounds, k, which=which, tol=tol, ncv=ncv,
+                               max_matvecs=max_matvecs, v0=v0, seed=seed, return_eigenvectors=return_eigenvectors,
+                               callback=callback, check_multiplicity=check_multiplicity, exact=op.exact,
+                               dtype=op.dtype)
     N = op.shape[0]
     comm = getattr(op, "comm", None)
     n_local = int(getattr(op, "n_local", N))

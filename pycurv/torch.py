@@ -78,6 +78,26 @@ class ParameterLayout(NamedTuple):
         return slice(self.offsets[i], self.offsets[i] + self.sizes[i])
 
 
+def _unwrap_data_parallel(model, distributed, process_group):
+    """(module, process group or None): unwraps DistributedDataParallel and resolves the group."""
+    ddp = getattr(torch.nn.parallel, "DistributedDataParallel", None)
+    group = process_group
+    if ddp is not None and isinstance(model, ddp):
+        if group is None and distributed is not False:
+            group = model.process_group
+        model = model.module
+    if group is None and distributed:
+        group = torch.distributed.group.WORLD
+    if distributed is False:
+        group = None
+    if group is not None:
+        dist = torch.distributed
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("distributed=True needs torch.distributed: call torch.distributed.init_process_group "
+                               "on every rank first")
+    return model, group
+
+
 def _dtype_name(dt) -> str:
     return str(dt).replace("torch.", "")
 
@@ -186,7 +206,9 @@ class HessianOperator(HVPOperator):
     framework = "torch"
 
     def __init__(self, model, loss_fn, data, *, preconditioner, dtype, mode, seed, microbatch_size,
-                 reduction, hvp, check_determinism, probe_rtol, l2, params, device):
+                 reduction, hvp, check_determinism, probe_rtol, l2, params, device,
+                 distributed=None, process_group=None, shard_basis=False):
+        model, group = _unwrap_data_parallel(model, distributed, process_group)
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -264,6 +286,11 @@ class HessianOperator(HVPOperator):
         self.fallback_reason = None
         # A hook for data parallelism: sums a tensor over processes in place (None: one process).
         self._allreduce: Optional[Callable] = None
+        self.comm = None
+        if group is not None:
+            self._setup_distributed(group, shard_basis)
+        elif shard_basis:
+            raise ValueError("shard_basis=True needs torch.distributed: pass distributed=True or process_group=")
 
         self.preconditioned = preconditioner is not None
         self.preconditioner_diagonal = None
@@ -273,6 +300,57 @@ class HessianOperator(HVPOperator):
             self.preconditioner_diagonal = P  # float64, on the device
             self._scale = torch.rsqrt(P).to(self.torch_dtype)
         super().__init__(check_determinism=check_determinism, probe_rtol=probe_rtol)
+
+    # -- scale-out ---------------------------------------------------------
+    def _setup_distributed(self, group, shard_basis: bool):
+        """Data parallelism over ``group``: every rank's HVP on its data, summed on the device.
+
+        The local pass runs under :func:`pycurv.distributed.guard`, so a rank that
+        raises stops every rank at once instead of leaving them in the all-reduce.
+        With ``shard_basis`` this rank also holds only rows [offset, offset + n_local)
+        of every Lanczos vector.
+        """
+        from .distributed import TorchCommunicator, shard_bounds
+
+        dist = torch.distributed
+        backend = dist.get_backend(group)
+        self.comm = TorchCommunicator(group if group is not dist.group.WORLD else None,
+                                      device=self.torch_device if backend == "nccl" else "cpu")
+        self._group = None if group is dist.group.WORLD else group
+
+        def allreduce(total, count):
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self._group)
+            c = torch.tensor([float(count)], dtype=torch.float64, device=total.device)
+            dist.all_reduce(c, op=dist.ReduceOp.SUM, group=self._group)
+            return total, int(round(float(c.item())))
+
+        self._allreduce = allreduce
+        if shard_basis:
+            n, size = self.shape[0], self.comm.size
+            self._bounds = [shard_bounds(n, size, r) for r in range(size)]
+            self.offset, hi = self._bounds[self.comm.rank]
+            self.n_local = hi - self.offset
+
+    def _gather(self, v_local):
+        """The whole vector from every rank's rows (on the device)."""
+        dist = torch.distributed
+        counts = [hi - lo for lo, hi in self._bounds]
+        width = max(counts)
+        buf = torch.zeros(width, dtype=v_local.dtype, device=v_local.device)
+        buf[: v_local.numel()] = v_local
+        parts = [torch.empty_like(buf) for _ in counts]
+        dist.all_gather(parts, buf, group=self._group)
+        return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+    def matvec(self, x):
+        """``A @ x`` for a float64 NumPy vector; with a sharded basis, x and the result are this rank's rows."""
+        if getattr(self, "n_local", None) is None:
+            return super().matvec(x)
+        from .distributed import guard
+
+        v = self._gather(guard(self.comm, self._from_numpy, x))
+        y = self._product(v)
+        return self._to_numpy(y[self.offset: self.offset + self.n_local])
 
     # -- boundary ----------------------------------------------------------
     def _from_numpy(self, x):
@@ -428,19 +506,28 @@ class HessianOperator(HVPOperator):
             raise ValueError("data yielded no batches; pass an (inputs, targets) pair or a non-empty iterable of pairs")
         return total, count
 
+    def _local_pass(self, tangents):
+        """This process's weighted sum of per-batch HVPs and its sample count."""
+        if self.hvp_method is None:  # hvp="auto", first product
+            try:
+                out = self._pass(tangents, "forward-over-reverse")
+                self.hvp_method = "forward-over-reverse"
+            except (RuntimeError, NotImplementedError) as exc:
+                out = self._pass(tangents, "reverse-over-reverse")
+                self.hvp_method = "reverse-over-reverse"
+                self.fallback_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            return out
+        return self._pass(tangents, self.hvp_method)
+
     def _raw_hvp(self, v):
         """H v (no preconditioning) for a flat tensor on the device in the HVP dtype."""
         tangents = self._unflatten(v)
-        if self.hvp_method is None:  # hvp="auto", first product
-            try:
-                total, count = self._pass(tangents, "forward-over-reverse")
-                self.hvp_method = "forward-over-reverse"
-            except (RuntimeError, NotImplementedError) as exc:
-                total, count = self._pass(tangents, "reverse-over-reverse")
-                self.hvp_method = "reverse-over-reverse"
-                self.fallback_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if self.comm is not None:
+            from .distributed import guard
+
+            total, count = guard(self.comm, self._local_pass, tangents)
         else:
-            total, count = self._pass(tangents, self.hvp_method)
+            total, count = self._local_pass(tangents)
         if self._allreduce is not None:
             total, count = self._allreduce(total, count)
         if self.n_samples is not None and count != self.n_samples:
@@ -771,6 +858,9 @@ def hessian(
     l2: float = 0.0,
     params: Optional[Sequence[str]] = None,
     device=None,
+    distributed: Optional[bool] = None,
+    process_group=None,
+    shard_basis: bool = False,
 ) -> HessianOperator:
     """The Hessian of ``loss_fn`` over ``data`` at ``model``'s parameters, as a pycurv operator.
 
@@ -828,22 +918,35 @@ def hessian(
         Names of the parameters to differentiate (default: all with ``requires_grad``).
     device : torch.device or str, optional
         Where the products run (default: the parameters' device).
+    distributed : bool, optional
+        Data parallelism over ``torch.distributed`` (default group, or
+        ``process_group``): each rank passes *its shard* of the data; the products
+        are summed over ranks on the device (gloo on CPU, NCCL on GPU), so every
+        rank gets the Hessian of the mean loss over the union of the shards and
+        :func:`pycurv.lanczos` takes identical steps everywhere (rank 0's seed and
+        ``v0``). Default: on for a model wrapped in ``DistributedDataParallel``
+        (its process group), off otherwise. A rank whose product raises makes
+        every rank raise (:class:`pycurv.distributed.PeerError` on the others).
+    process_group : torch.distributed.ProcessGroup, optional
+        The group for ``distributed`` (implies ``distributed=True``).
+    shard_basis : bool
+        Each rank holds only its rows of every Lanczos vector (an even split of
+        the flat parameter vector): basis memory 8 (n / ranks) (ncv + 1) bytes per
+        rank instead of 8 n (ncv + 1); dot products are summed through the
+        core's REDUCE requests, and ``matvec`` gathers the whole vector for each
+        product. The eigenvectors returned are this rank's rows.
 
     Returns
     -------
     HessianOperator
         ``shape == (n, n)``, ``dtype`` the products' arithmetic, ``exact=False``.
         Memory: one copy of the parameters and buffers, plus the products' own.
-
-    Data parallelism: on each rank build the operator on that rank's shard of the
-    data and wrap it, ``pycurv.distributed.DataParallelOperator(H.matvec, H.shape[0],
-    comm, weight=H.count_samples(), dtype=H.dtype)``; ``pycurv.lanczos`` of that is
-    the sharpness of the mean loss over all shards, the same on every rank.
     """
     return HessianOperator(model, loss_fn, data, preconditioner=preconditioner, dtype=dtype, mode=mode, seed=seed,
                            microbatch_size=microbatch_size, reduction=reduction, hvp=hvp,
                            check_determinism=check_determinism, probe_rtol=probe_rtol, l2=l2, params=params,
-                           device=device)
+                           device=device, distributed=distributed, process_group=process_group,
+                           shard_basis=shard_basis)
 
 
 def sharpness(model, loss_fn: Callable, data, *, tol: Optional[float] = None, seed: int = 0, v0=None,

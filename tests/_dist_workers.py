@@ -33,6 +33,7 @@ def run(rank, size, port, outdir):
             np.save(os.path.join(outdir, f"{scenario}-rank{rank}.npy"), np.array([out], dtype=object),
                     allow_pickle=True)
     finally:
+        dist.barrier()  # no rank closes its connections while a peer still reads them
         dist.destroy_process_group()
 
 
