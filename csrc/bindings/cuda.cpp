@@ -53,14 +53,39 @@ struct DeviceBuffer {
   void* ptr;
 };
 
-// A float64 array in device memory: a view into a Lanczos state (kept alive by
-// `owner`) or a buffer of its own.
+const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::F32: return "float32";
+    case DType::F16: return "float16";
+    case DType::BF16: return "bfloat16";
+    default: return "float64";
+  }
+}
+size_t itemsize(DType t) { return t == DType::F64 ? 8 : t == DType::F32 ? 4 : 2; }
+
+uint16_t float_to_bfloat16(float f) {  // round to nearest even, as frameworks do
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+float bfloat16_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// An array in device memory: a view into a Lanczos state (kept alive by
+// `owner`) or a buffer of its own. The state's vectors are float64; arrays
+// made with from_numpy may also be float32, float16 or bfloat16.
 class DeviceArray {
  public:
   DeviceArray(void* ptr, std::vector<int64_t> shape, int device, uintptr_t stream, py::object owner,
-              std::shared_ptr<DeviceBuffer> buffer)
+              std::shared_ptr<DeviceBuffer> buffer, DType dtype = DType::F64)
       : ptr_(ptr), shape_(std::move(shape)), device_(device), stream_(stream), owner_(std::move(owner)),
-        buffer_(std::move(buffer)) {}
+        buffer_(std::move(buffer)), dtype_(dtype) {}
 
   int64_t size() const {
     int64_t s = 1;
@@ -76,9 +101,11 @@ class DeviceArray {
   py::object dlpack(py::object stream, py::object max_version, py::object dl_device, py::object copy);
   py::tuple dlpack_device() const { return py::make_tuple(static_cast<int>(kDLCUDA), device_); }
   py::dict cuda_array_interface() const {
+    if (dtype_ == DType::BF16)  // the interface has no type string for bfloat16: use DLPack
+      throw py::attribute_error("__cuda_array_interface__ has no bfloat16 type; use __dlpack__");
     py::dict d;
     d["shape"] = shape();
-    d["typestr"] = "<f8";
+    d["typestr"] = dtype_ == DType::F64 ? "<f8" : dtype_ == DType::F32 ? "<f4" : "<f2";
     // Not marked read-only: PyTorch refuses read-only imports. The Lanczos
     // input must not be written all the same (it is a basis vector).
     d["data"] = py::make_tuple(reinterpret_cast<uintptr_t>(ptr_), false);
@@ -87,18 +114,29 @@ class DeviceArray {
     d["stream"] = exchange_stream(stream_);
     return d;
   }
-  py::array_t<double> numpy() const {
-    py::array_t<double> out(std::vector<py::ssize_t>(shape_.begin(), shape_.end()));
+  py::array numpy() const {
+    const size_t bytes = itemsize(dtype_) * static_cast<size_t>(size());
+    std::vector<py::ssize_t> shape(shape_.begin(), shape_.end());
+    py::array raw;
+    if (dtype_ == DType::F64) raw = py::array_t<double>(shape);
+    else if (dtype_ == DType::F32) raw = py::array_t<float>(shape);
+    else raw = py::array_t<uint16_t>(shape);
     {
       py::gil_scoped_release release;
       pycurv::stream_sync(device_, as_stream(stream_));
-      if (size() > 0)
-        pycurv::copy_to_host(device_, out.mutable_data(), ptr_, sizeof(double) * static_cast<size_t>(size()));
+      if (bytes > 0) pycurv::copy_to_host(device_, raw.mutable_data(), ptr_, bytes);
     }
-    return out;
+    if (dtype_ == DType::F16) return raw.attr("view")("float16");
+    if (dtype_ == DType::BF16) {  // NumPy has no bfloat16: widen to float32
+      py::array_t<float> out(shape);
+      const auto* b = static_cast<const uint16_t*>(raw.data());
+      for (int64_t i = 0; i < size(); ++i) out.mutable_data()[i] = bfloat16_to_float(b[i]);
+      return out;
+    }
+    return raw;
   }
   std::string repr() const {
-    std::string s = "<pycurv._cuda.DeviceArray float64 shape=(";
+    std::string s = std::string("<pycurv._cuda.DeviceArray ") + dtype_name(dtype_) + " shape=(";
     for (size_t i = 0; i < shape_.size(); ++i) s += (i ? ", " : "") + std::to_string(shape_[i]);
     if (shape_.size() == 1) s += ",";
     return s + ") device=cuda:" + std::to_string(device_) + ">";
@@ -110,6 +148,7 @@ class DeviceArray {
   uintptr_t stream_;
   py::object owner_;
   std::shared_ptr<DeviceBuffer> buffer_;
+  DType dtype_;
 };
 
 struct ExportCtx {
@@ -162,7 +201,8 @@ py::object DeviceArray::dlpack(py::object stream, py::object max_version, py::ob
   t.data = ptr_;
   t.device = DLDevice{kDLCUDA, device_};
   t.ndim = static_cast<int32_t>(shape_.size());
-  t.dtype = DLDataType{static_cast<uint8_t>(kDLFloat), 64, 1};
+  t.dtype = dtype_ == DType::BF16 ? DLDataType{static_cast<uint8_t>(kDLBfloat), 16, 1}
+                                  : DLDataType{static_cast<uint8_t>(kDLFloat), static_cast<uint8_t>(8 * itemsize(dtype_)), 1};
   t.shape = ctx->shape.data();
   t.strides = nullptr;
   t.byte_offset = 0;
@@ -445,29 +485,45 @@ PYBIND11_MODULE(_cuda, m) {
   });
 
   py::class_<DeviceArray>(m, "DeviceArray",
-                          "A float64 array in CUDA device memory, exported zero-copy through DLPack and "
+                          "An array in CUDA device memory, exported zero-copy through DLPack and "
                           "__cuda_array_interface__ (torch.from_dlpack, cupy.from_dlpack, jax.dlpack.from_dlpack).")
       .def("__dlpack__", &DeviceArray::dlpack, py::kw_only(), py::arg("stream") = py::none(),
            py::arg("max_version") = py::none(), py::arg("dl_device") = py::none(), py::arg("copy") = py::none())
       .def("__dlpack_device__", &DeviceArray::dlpack_device)
       .def_property_readonly("__cuda_array_interface__", &DeviceArray::cuda_array_interface)
       .def_property_readonly("shape", &DeviceArray::shape)
-      .def_property_readonly("dtype", [](const DeviceArray&) { return std::string("float64"); })
+      .def_property_readonly("dtype", [](const DeviceArray& a) { return std::string(dtype_name(a.dtype_)); })
       .def_property_readonly("device", [](const DeviceArray& a) { return device_name(a.device_); })
       .def_property_readonly("ptr", [](const DeviceArray& a) { return reinterpret_cast<uintptr_t>(a.ptr_); })
       .def("__len__", [](const DeviceArray& a) { return a.shape_.empty() ? 0 : a.shape_[0]; })
-      .def("numpy", &DeviceArray::numpy, "Copy to a host NumPy array (waits for the array's stream).")
+      .def("numpy", &DeviceArray::numpy,
+           "Copy to a host NumPy array (waits for the array's stream); bfloat16 comes back as float32.")
       .def("__repr__", &DeviceArray::repr)
       .def_static(
           "from_numpy",
-          [](py::array_t<double, py::array::c_style | py::array::forcecast> a, int device) {
-            std::vector<int64_t> shape(a.shape(), a.shape() + a.ndim());
-            const size_t bytes = sizeof(double) * static_cast<size_t>(a.size());
+          [](py::array a, int device, py::object dtype) {
+            std::string name = dtype.is_none() ? std::string(py::str(a.dtype())) : std::string(py::str(dtype));
+            if (name != "float32" && name != "float16" && name != "bfloat16") name = "float64";
+            const DType t = name == "float32" ? DType::F32 : name == "float16" ? DType::F16
+                          : name == "bfloat16" ? DType::BF16 : DType::F64;
+            py::array host;
+            if (t == DType::BF16) {
+              auto f = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(a);
+              py::array_t<uint16_t> bits(std::vector<py::ssize_t>(f.shape(), f.shape() + f.ndim()));
+              for (py::ssize_t i = 0; i < f.size(); ++i) bits.mutable_data()[i] = float_to_bfloat16(f.data()[i]);
+              host = bits;
+            } else {
+              host = py::module_::import("numpy").attr("ascontiguousarray")(a, name);
+            }
+            std::vector<int64_t> shape(host.shape(), host.shape() + host.ndim());
+            const size_t bytes = itemsize(t) * static_cast<size_t>(host.size());
             auto buf = std::make_shared<DeviceBuffer>(device, bytes);
-            if (bytes) pycurv::copy_to_device(device, buf->ptr, a.data(), bytes);
-            return DeviceArray(buf->ptr, shape, device, 0, py::none(), buf);
+            if (bytes) pycurv::copy_to_device(device, buf->ptr, host.data(), bytes);
+            return DeviceArray(buf->ptr, shape, device, 0, py::none(), buf, t);
           },
-          py::arg("a"), py::arg("device") = 0, "A device copy of a host array, as float64 (for tests and examples).");
+          py::arg("a"), py::arg("device") = 0, py::arg("dtype") = py::none(),
+          "A device copy of a host array: float64, or float32/float16 (kept), or dtype='bfloat16' "
+          "(rounded to nearest even). For tests and examples without a GPU framework.");
 
   // The request enum is the CPU core's (one C++ type, registered once).
   m.attr("Request") = core.attr("Request");
@@ -605,6 +661,11 @@ PYBIND11_MODULE(_cuda, m) {
     d["cuda_runtime"] = pycurv::cuda_runtime_version();
     d["cuda_driver"] = pycurv::cuda_driver_version();
     d["architectures"] = std::string(PYCURV_CUDA_ARCHITECTURES);
+#ifdef PYCURV_CUDA_EMULATION
+    d["emulated"] = true;  // kernels run on the CPU: a test build
+#else
+    d["emulated"] = false;
+#endif
     return d;
   });
   m.def(

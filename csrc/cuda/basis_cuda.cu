@@ -5,15 +5,30 @@
 // number of vectors and the device, each block sums a fixed set of row tiles
 // in a fixed order, and a second kernel adds the per-block partial sums of
 // each column in block order.
+//
+// Built with PYCURV_CUDA_EMULATION (CMake: PYCURV_CUDA=EMULATE) the same file
+// is compiled by the host compiler against emulation.hpp, which runs every
+// thread of a block as a fiber on the CPU: the tests then check these kernels
+// and this host code on machines without a GPU. The only concessions are the
+// three macros below (launch, shared memory), which expand to plain CUDA.
 #include "basis_cuda.cuh"
 
-#include <cuda_bf16.h>
+#if defined(PYCURV_CUDA_EMULATION)
+#include "emulation.hpp"
+#define PYCURV_LAUNCH(kernel, grid, smem, stream, ...) \
+  (static_cast<void>(stream), ::pycurv::emu::launch(kernel, (grid), kThreads, (smem), __VA_ARGS__))
+#define PYCURV_DYNAMIC_SHARED(T, name) T* name = ::pycurv::emu::dynamic_shared<T>()
+#define PYCURV_SHARED(T, name, count) T* name = ::pycurv::emu::static_shared<T>(__LINE__, (count))
+#else
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#define PYCURV_LAUNCH(kernel, grid, smem, stream, ...) kernel<<<(grid), kThreads, (smem), (stream)>>>(__VA_ARGS__)
+#define PYCURV_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#define PYCURV_SHARED(T, name, count) __shared__ T name[count]
+#endif
 
 #include <algorithm>
 #include <cstring>
-#include <cub/block/block_reduce.cuh>
 #include <sstream>
 
 #include "pycurv/rng.hpp"
@@ -22,10 +37,9 @@ namespace pycurv {
 namespace {
 
 constexpr int kThreads = 256;            // threads per block of every kernel
+constexpr int kWarps = kThreads / 32;
 constexpr size_t kTileBytes = 64 << 10;  // shared memory for one tile of the basis
-constexpr int kMaxBlocksPerSm = kThreads <= 256 ? 2048 / kThreads : 1;
-
-using BlockSum = cub::BlockReduce<double, kThreads>;
+constexpr int kMaxBlocksPerSm = 2048 / kThreads;
 
 void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
@@ -59,6 +73,18 @@ __device__ __forceinline__ double load_src(const void* src, DType dtype, int64_t
 __device__ __forceinline__ double warp_sum(double v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
   return v;  // complete in lane 0
+}
+
+// Sum over the block in a fixed order (warps, then warp sums in warp order);
+// complete in thread 0. `scratch` holds kWarps doubles of shared memory.
+__device__ __forceinline__ double block_sum(double v, double* scratch) {
+  v = warp_sum(v);
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+  __syncthreads();
+  double s = 0.0;
+  if (threadIdx.x == 0)
+    for (int i = 0; i < kWarps; ++i) s += scratch[i];
+  return s;
 }
 
 double elem_vectors(DType t) {  // size of one element in units of a float64
@@ -98,15 +124,14 @@ struct OrthoArgs {
 };
 
 __global__ void __launch_bounds__(kThreads) ortho_kernel(OrthoArgs a) {
-  extern __shared__ double smem[];
-  __shared__ typename BlockSum::TempStorage reduce_tmp;
+  PYCURV_DYNAMIC_SHARED(double, smem);
+  PYCURV_SHARED(double, warp_sums, kWarps);
   const int TR = a.rows;
   double* S = smem;                                  // nv x TR, row-major by vector
   double* wsh = S + static_cast<size_t>(a.nv) * TR;  // TR
   double* hsh = wsh + TR;                            // nv
   double* acc = hsh + a.nv;                          // nv
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  constexpr int nwarps = kThreads / 32;
 
   for (int i = tid; i < a.nv; i += kThreads) {
     hsh[i] = a.update ? a.h[i] : 0.0;
@@ -143,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) ortho_kernel(OrthoArgs a) {
     }
     __syncthreads();
     if (a.dots) {
-      for (int i = warp; i < a.nv; i += nwarps) {
+      for (int i = warp; i < a.nv; i += kWarps) {
         const double* Si = S + i * TR;
         double p = 0.0;
         for (int j = lane; j < TR; j += 32) p += Si[j] * wsh[j];
@@ -153,7 +178,7 @@ __global__ void __launch_bounds__(kThreads) ortho_kernel(OrthoArgs a) {
     }
     __syncthreads();  // the next tile overwrites S and wsh
   }
-  const double total = BlockSum(reduce_tmp).Sum(norm);
+  const double total = block_sum(norm, warp_sums);
   const int width = (a.dots ? a.nv : 0) + 1;
   double* out = a.partial + static_cast<size_t>(blockIdx.x) * width;
   if (a.dots)
@@ -164,11 +189,11 @@ __global__ void __launch_bounds__(kThreads) ortho_kernel(OrthoArgs a) {
 // out[c] = sum over blocks b (in order) of partial[b * width + c]; one block per column.
 __global__ void __launch_bounds__(kThreads) sum_columns_kernel(const double* partial, int blocks, int width,
                                                                double* out) {
-  __shared__ typename BlockSum::TempStorage tmp;
+  PYCURV_SHARED(double, warp_sums, kWarps);
   const int c = blockIdx.x;
   double s = 0.0;
   for (int b = threadIdx.x; b < blocks; b += kThreads) s += partial[static_cast<size_t>(b) * width + c];
-  s = BlockSum(tmp).Sum(s);
+  s = block_sum(s, warp_sums);
   if (threadIdx.x == 0) out[c] = s;
 }
 
@@ -188,7 +213,7 @@ struct CombineArgs {
 };
 
 __global__ void __launch_bounds__(kThreads) combine_kernel(CombineArgs a) {
-  extern __shared__ double smem[];
+  PYCURV_DYNAMIC_SHARED(double, smem);
   double* S = smem;  // nold x TR
   const int TR = a.rows;
   const int tid = threadIdx.x;
@@ -238,14 +263,14 @@ __global__ void load_kernel(double* dst, int64_t n, const void* src, DType dtype
 __global__ void __launch_bounds__(kThreads) residual_kernel(const void* src, DType dtype, int64_t stride,
                                                             const double* y, double theta, int64_t n,
                                                             double* partial) {
-  __shared__ typename BlockSum::TempStorage tmp;
+  PYCURV_SHARED(double, warp_sums, kWarps);
   double s = 0.0;
   for (int64_t r = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; r < n;
        r += static_cast<int64_t>(gridDim.x) * kThreads) {
     const double d = load_src(src, dtype, r * stride) - theta * y[r];
     s += d * d;
   }
-  s = BlockSum(tmp).Sum(s);
+  s = block_sum(s, warp_sums);
   if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 
@@ -464,7 +489,7 @@ const double* CudaBasis::upload(const double* host, size_t count) {
 }
 
 void CudaBasis::download_sums(int width, int blocks, double* out) {
-  sum_columns_kernel<<<width, kThreads, 0, stream_>>>(partial_, blocks, width, sums_dev_);
+  PYCURV_LAUNCH(sum_columns_kernel, width, 0, stream_, partial_, blocks, width, sums_dev_);
   check(cudaGetLastError(), "sum_columns_kernel launch");
   check(cudaMemcpyAsync(sums_host_, sums_dev_, sizeof(double) * width, cudaMemcpyDeviceToHost, stream_),
         "cudaMemcpyAsync (sums)");
@@ -479,7 +504,7 @@ void CudaBasis::set_source_format(DType dtype, int64_t stride) {
 
 namespace {
 void launch_ortho(const OrthoArgs& a, int grid, size_t smem, CUstream_st* stream) {
-  ortho_kernel<<<grid, kThreads, smem, stream>>>(a);
+  PYCURV_LAUNCH(ortho_kernel, grid, smem, stream, a);
   check(cudaGetLastError(), "ortho_kernel launch");
 }
 }  // namespace
@@ -515,13 +540,13 @@ void CudaBasis::update_norm(int w, int nv, const double* h, double* out) {
 
 void CudaBasis::scale(int w, double a) {
   count(2);
-  scale_kernel<<<elementwise_grid(n_, sms_), kThreads, 0, stream_>>>(slot(w), n_, a);
+  PYCURV_LAUNCH(scale_kernel, elementwise_grid(n_, sms_), 0, stream_, slot(w), n_, a);
   check(cudaGetLastError(), "scale_kernel launch");
 }
 
 void CudaBasis::random_normal(int w, uint64_t key, int64_t offset) {
   count(1);
-  random_normal_kernel<<<elementwise_grid(n_, sms_), kThreads, 0, stream_>>>(slot(w), n_, key, offset);
+  PYCURV_LAUNCH(random_normal_kernel, elementwise_grid(n_, sms_), 0, stream_, slot(w), n_, key, offset);
   check(cudaGetLastError(), "random_normal_kernel launch");
 }
 
@@ -530,7 +555,7 @@ void CudaBasis::combine(int nold, const double* C, int nnew) {
   const double* Cd = upload(C, static_cast<size_t>(nold) * nnew);
   const Tile& t = combine_tile(nold);
   CombineArgs a{slot(0), n_, ld_, nold, Cd, nnew, slot(0), ld_, t.rows, t.shift, (n_ + t.rows - 1) / t.rows};
-  combine_kernel<<<t.grid, kThreads, t.smem, stream_>>>(a);
+  PYCURV_LAUNCH(combine_kernel, t.grid, t.smem, stream_, a);
   check(cudaGetLastError(), "combine_kernel launch");
 }
 
@@ -539,20 +564,20 @@ void CudaBasis::ritz_vector(int nold, const double* s, int r) {
   const double* sd = upload(s, nold);
   const Tile& t = combine_tile(nold);
   CombineArgs a{slot(0), n_, ld_, nold, sd, 1, ritz(r), ld_, t.rows, t.shift, (n_ + t.rows - 1) / t.rows};
-  combine_kernel<<<t.grid, kThreads, t.smem, stream_>>>(a);
+  PYCURV_LAUNCH(combine_kernel, t.grid, t.smem, stream_, a);
   check(cudaGetLastError(), "combine_kernel launch");
 }
 
 void CudaBasis::residual(const double* w, int r, double theta, double* out) {
   count(1.0 + elem_vectors(src_dtype_));
   const int grid = elementwise_grid(n_, sms_);
-  residual_kernel<<<grid, kThreads, 0, stream_>>>(w, src_dtype_, src_stride_, ritz(r), theta, n_, partial_);
+  PYCURV_LAUNCH(residual_kernel, grid, 0, stream_, w, src_dtype_, src_stride_, ritz(r), theta, n_, partial_);
   check(cudaGetLastError(), "residual_kernel launch");
   download_sums(1, grid, out);
 }
 
 void CudaBasis::load_vector(double* dst, const void* src, DType dtype, int64_t stride) {
-  load_kernel<<<elementwise_grid(n_, sms_), kThreads, 0, stream_>>>(dst, n_, src, dtype, stride);
+  PYCURV_LAUNCH(load_kernel, elementwise_grid(n_, sms_), 0, stream_, dst, n_, src, dtype, stride);
   check(cudaGetLastError(), "load_kernel launch");
 }
 
