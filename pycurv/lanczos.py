@@ -1,9 +1,11 @@
 """The Lanczos driver: owns the matvec, answers the compiled state's requests.
 
-The compiled state (``pycurv._core.LanczosState``) holds the float64 Krylov
-basis and does all O(n * ncv) work; this module validates input, hands basis
-vectors to the user's operator as zero-copy read-only views, checks what comes
-back, and assembles the result record.
+The compiled state holds the float64 Krylov basis and does all O(n * ncv)
+work: ``pycurv._core.LanczosState`` in host memory, or, for an operator whose
+``device`` is a GPU, ``pycurv._cuda.LanczosState`` in that GPU's memory. This
+module validates input, hands basis vectors to the user's operator as zero-copy
+views (NumPy, or the operator's framework on a GPU), checks what comes back,
+and assembles the result record.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _gpu
 from ._native import DONE, MATVEC, REDUCE, STATUS, STEP, WHICH_CODE, core
 from .errors import ConvergenceWarning, NoConvergence, NonFiniteMatvecError
 from .operators import as_operator, unit_roundoff
@@ -37,6 +39,7 @@ def lanczos(
     callback: Optional[Callable[[LanczosProgress], Optional[bool]]] = None,
     n: Optional[int] = None,
     check_multiplicity: Optional[bool] = None,
+    host_basis: bool = False,
 ) -> LanczosResult:
     """Extreme eigenvalues of a symmetric operator from matrix-vector products.
 
@@ -47,7 +50,12 @@ def lanczos(
     ----------
     A : array, sparse matrix, LinearOperator, pycurv operator, or callable
         The symmetric operator. A callable ``f(x) -> A @ x`` needs ``n=``.
-        ``matvec`` receives a read-only float64 vector of length n.
+        ``matvec`` receives a read-only float64 vector of length n. An
+        operator on a GPU (``A.device == "cuda:0"``: the torch and JAX
+        adapters on a GPU model, a torch/CuPy/JAX matrix on a GPU,
+        ``pycurv.FunctionOperator(f, n, device="cuda:0", framework=...)``)
+        is solved there: the basis stays in device memory and ``matvec``
+        receives a zero-copy float64 device array of its framework.
     k : int
         Number of eigenvalues wanted, 1 <= k <= n.
     which : {"LA", "SA", "BE"}
@@ -66,8 +74,8 @@ def lanczos(
         Budget of products for the Lanczos steps (default ``max(1000, 30 ncv)``).
         The final residual check adds up to k products.
     v0 : array of shape (n,), optional
-        Start vector (e.g. the previous Ritz vector, to warm-start). Default:
-        a random vector from ``seed``.
+        Start vector (e.g. the previous Ritz vector, to warm-start); a device
+        array for an operator on a GPU. Default: a random vector from ``seed``.
     seed : int or numpy.random.Generator, optional
         Seed of the random start and restart vectors. Same seed, same operator:
         bit-identical results. Drawn from OS entropy if None (recorded in the result).
@@ -83,12 +91,20 @@ def lanczos(
         True (the default for k >= 2) the converged pairs are locked and a new
         random search in their orthogonal complement must not find anything
         that belongs to the wanted set; this costs roughly one more solve.
+    host_basis : bool
+        GPU operators only: keep the basis in pinned host memory that the GPU
+        reads over the bus, for bases larger than device memory (the device
+        then holds two vectors and the Ritz vectors' staging). Slower: every
+        pass over the basis crosses PCIe/NVLink-C2C instead of HBM. On the CPU
+        the basis is always in host memory and this flag changes nothing.
 
     Returns
     -------
     LanczosResult
         A warning (:class:`pycurv.ConvergenceWarning`) is issued if the result
         did not converge; ``result.converged`` and ``result.status`` say why.
+        For an operator on a GPU, ``eigenvectors`` is a device array of the
+        operator's framework; everything else is the same as on the CPU.
     """
     op = as_operator(A, n=n)
     N = op.shape[0]
@@ -97,11 +113,14 @@ def lanczos(
     tol = _checks.check_tol(tol)
     ncv = _checks.check_ncv(ncv, k, N)
     max_matvecs = _checks.check_max_matvecs(max_matvecs, ncv, k)
-    v0 = None if v0 is None else _checks.check_v0(v0, N)
+    host_basis = _checks.check_flag("host_basis", host_basis)
+    on_gpu = _gpu.is_gpu(op.device)
+    if v0 is not None:
+        v0 = _gpu.check_v0(v0, N) if on_gpu else _checks.check_v0(v0, N)
     seed = _checks.check_seed(seed)
     if check_multiplicity is None:
         check_multiplicity = k >= 2
-    state = core.LanczosState(
+    options = dict(
         n_local=N,
         n_global=N,
         offset=0,
@@ -118,11 +137,24 @@ def lanczos(
         yield_reduce=False,
         unit_roundoff=op.unit_roundoff if op.dtype is not None else 2.0**-53,
     )
-    if v0 is not None:
-        state.start_vector()[:] = v0
-    timing = drive(state, op.matvec, N, learn_dtype=op.dtype is None, callback=callback)
+    learn = op.dtype is None
+    if on_gpu:
+        run = _gpu.DeviceRun(op, host_basis=host_basis)
+        state = run.state(**options)
+        if v0 is not None:
+            state.set_start_vector(v0)
+        timing = drive(state, run.matvec, N, learn_dtype=learn, callback=callback, check_output=run.check_output,
+                       to_host=_gpu.to_numpy)
+        timing = run.timing(state, timing)
+        as_array = run.eigenvectors
+    else:
+        state = core.LanczosState(**options)
+        if v0 is not None:
+            state.start_vector()[:] = v0
+        timing = drive(state, op.matvec, N, learn_dtype=learn, callback=callback)
+        as_array = np.asarray
     result = collect(state, timing, which=which, tol=tol, ncv=ncv, seed=seed, max_matvecs=max_matvecs,
-                     want_vectors=return_eigenvectors)
+                     want_vectors=return_eigenvectors, as_array=as_array)
     if not result.converged:
         warnings.warn(result.message, ConvergenceWarning, stacklevel=2)
     return result
@@ -147,11 +179,15 @@ def sharpness(A, **kwargs) -> float:
 
 
 def drive(state, matvec: Callable, n_local: int, *, reduce: Optional[Callable] = None,
-          learn_dtype: bool = False, callback=None) -> dict:
+          learn_dtype: bool = False, callback=None, check_output: Callable = _checks.matvec_output,
+          to_host: Callable = np.asarray) -> dict:
     """Answers the state's requests until it is done; returns the time spent.
 
     ``reduce(buffer)`` sums a float64 buffer over processes in place (None: one
     process). Exceptions raised by ``matvec`` propagate unchanged.
+    ``check_output(y, n_local, count)`` validates each product (device arrays
+    on a GPU); ``to_host(y)`` reads one for the error message when the core
+    finds non-finite values.
     """
     t_start = time.perf_counter()
     t_mv = 0.0
@@ -164,7 +200,7 @@ def drive(state, matvec: Callable, n_local: int, *, reduce: Optional[Callable] =
             req = int(state.advance())
         except core.NonFiniteError:
             t_core += time.perf_counter() - t0
-            raise _nonfinite(y, count) from None
+            raise _nonfinite(None if y is None else to_host(y), count) from None
         t_core += time.perf_counter() - t0
         if req == MATVEC:
             x = state.matvec_input()
@@ -172,7 +208,7 @@ def drive(state, matvec: Callable, n_local: int, *, reduce: Optional[Callable] =
             y = matvec(x)
             t_mv += time.perf_counter() - t0
             count += 1
-            y = _checks.matvec_output(y, n_local, count)
+            y = check_output(y, n_local, count)
             if learn_dtype and count == 1:
                 state.set_unit_roundoff(unit_roundoff(y.dtype))
             state.set_matvec_output(y)
@@ -210,15 +246,15 @@ def _nonfinite(y, count: int) -> NonFiniteMatvecError:
 
 
 def collect(state, timing: dict, *, which: str, tol: float, ncv: int, seed: int, max_matvecs: int,
-            want_vectors: bool) -> LanczosResult:
-    """Builds the result record from a finished state."""
+            want_vectors: bool, as_array: Callable = np.asarray) -> LanczosResult:
+    """Builds the result record from a finished state (``as_array`` reads its eigenvectors)."""
     values = np.asarray(state.values(), dtype=np.float64)
     res = np.asarray(state.residuals(), dtype=np.float64)
     status = STATUS.get(int(state.status), "unknown")
     anorm = float(state.anorm)
     vecs = None
     if want_vectors:
-        vecs = np.asarray(state.eigenvectors()).T  # (n, k), column i <-> eigenvalue i
+        vecs = as_array(state.eigenvectors()).T  # (n, k), column i <-> eigenvalue i
     bounds = _error_bounds(values, res, np.asarray(state.ritz_values()))
     rel = _relative(res, values, anorm)
     message = _message(status, rel, tol, max_matvecs, float(state.noise_level), int(state.n_matvecs))
