@@ -292,9 +292,13 @@ class DeviceRun:
         if dev != self.device and not hasattr(y, "__cuda_array_interface__"):
             raise ValueError(f"matvec call {count} returned an array on {dev}, but the operator's vectors live on "
                              f"{self.device}; compute the product on {self.device}")
-        shape = tuple(getattr(y, "shape", ()))
-        if shape not in ((n,), (n, 1)):
-            raise ValueError(f"matvec call {count} returned shape {shape}; expected ({n},), the shape of its input")
+        shape = getattr(y, "shape", None)
+        if shape is None:  # a bare exporter: the interface says the shape (DLPack is checked by the module)
+            cai = getattr(y, "__cuda_array_interface__", None)
+            shape = cai.get("shape") if isinstance(cai, dict) else None
+        if shape is not None and tuple(shape) not in ((n,), (n, 1)):
+            raise ValueError(f"matvec call {count} returned shape {tuple(shape)}; expected ({n},), the shape of its "
+                             "input")
         dtype = getattr(y, "dtype", None)
         if dtype is not None and dtype_name(dtype) not in _FLOAT_NAMES:
             name = dtype_name(dtype)
