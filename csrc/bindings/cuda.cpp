@@ -487,7 +487,8 @@ PYBIND11_MODULE(_cuda, m) {
   py::class_<DeviceArray>(m, "DeviceArray",
                           "An array in CUDA device memory, exported zero-copy through DLPack and "
                           "__cuda_array_interface__ (torch.from_dlpack, cupy.from_dlpack, jax.dlpack.from_dlpack).")
-      .def("__dlpack__", &DeviceArray::dlpack, py::kw_only(), py::arg("stream") = py::none(),
+      // stream may come positionally: some consumers (older JAX) pass it so.
+      .def("__dlpack__", &DeviceArray::dlpack, py::arg("stream") = py::none(), py::kw_only(),
            py::arg("max_version") = py::none(), py::arg("dl_device") = py::none(), py::arg("copy") = py::none())
       .def("__dlpack_device__", &DeviceArray::dlpack_device)
       .def_property_readonly("__cuda_array_interface__", &DeviceArray::cuda_array_interface)

@@ -450,7 +450,9 @@ const CudaBasis::Tile& CudaBasis::ortho_tile(int nv) {
   t.rows = rows;
   t.shift = shift;
   t.smem = smem;
-  t.grid = static_cast<int>(std::min<int64_t>(ntiles, static_cast<int64_t>(std::max(per_sm, 1)) * sms_));
+  // At most kMaxBlocksPerSm per multiprocessor: the partial-sum buffer is sized for that.
+  const int64_t resident = static_cast<int64_t>(std::min(std::max(per_sm, 1), kMaxBlocksPerSm)) * sms_;
+  t.grid = static_cast<int>(std::min<int64_t>(ntiles, resident));
   return t;
 }
 
@@ -472,7 +474,9 @@ const CudaBasis::Tile& CudaBasis::combine_tile(int nold) {
   t.rows = rows;
   t.shift = shift;
   t.smem = bytes(rows);
-  t.grid = static_cast<int>(std::min<int64_t>(ntiles, static_cast<int64_t>(std::max(per_sm, 1)) * sms_));
+  // At most kMaxBlocksPerSm per multiprocessor: the partial-sum buffer is sized for that.
+  const int64_t resident = static_cast<int64_t>(std::min(std::max(per_sm, 1), kMaxBlocksPerSm)) * sms_;
+  t.grid = static_cast<int>(std::min<int64_t>(ntiles, resident));
   return t;
 }
 
