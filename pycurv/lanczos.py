@@ -92,11 +92,12 @@ def lanczos(
         random search in their orthogonal complement must not find anything
         that belongs to the wanted set; this costs roughly one more solve.
     host_basis : bool
-        GPU operators only: keep the basis in pinned host memory that the GPU
-        reads over the bus, for bases larger than device memory (the device
-        then holds two vectors and the Ritz vectors' staging). Slower: every
-        pass over the basis crosses PCIe/NVLink-C2C instead of HBM. On the CPU
-        the basis is always in host memory and this flag changes nothing.
+        GPU operators only: keep the basis (and the Ritz vectors) in pinned
+        host memory that the GPU reads over the bus, for bases larger than
+        device memory; the device then holds at most two vectors. Slower:
+        every pass over the basis runs at the bus's bandwidth instead of the
+        GPU memory's. On the CPU the basis is always in host memory and this
+        flag changes nothing.
 
     Returns
     -------
