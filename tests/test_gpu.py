@@ -92,6 +92,8 @@ def test_devices_are_described():
     devs = _cuda.devices()
     assert devs and all({"index", "name", "total_memory", "compute_capability"} <= set(d) for d in devs)
     assert devs[0]["index"] == 0 and devs[0]["total_memory"] > 0
+    bandwidth = _cuda.read_bandwidth(n=1 << 22, repeats=2)
+    assert bandwidth == 0.0 if EMULATED else 1e10 < bandwidth < 1e14  # bytes/s: tens of GB/s to tens of TB/s
 
 
 @pytest.mark.parametrize("name", list(SPECTRA))

@@ -677,5 +677,5 @@ PYBIND11_MODULE(_cuda, m) {
         return pycurv::measure_read_bandwidth(n, repeats, device);
       },
       py::arg("n") = 1 << 27, py::arg("repeats") = 5, py::arg("device") = 0,
-      "Device read bandwidth in bytes/s of one pass over n doubles with the basis kernels (best of repeats).");
+      "Device read bandwidth in bytes/s of one streaming pass over n doubles (best of repeats; 0 on the emulation).");
 }

@@ -229,8 +229,8 @@ class IntervalTimer {
   double total_ = 0.0;
 };
 
-// Best-of-`repeats` read bandwidth (bytes/s) of one pass over n doubles with
-// the basis kernels (dots of one vector): the roofline reference in bench/.
+// Best-of-`repeats` read bandwidth (bytes/s) of one pass over n doubles by a
+// plain streaming read kernel: the roofline reference in bench/.
 double measure_read_bandwidth(int64_t n, int repeats, int device);
 
 }  // namespace pycurv
