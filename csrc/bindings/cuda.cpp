@@ -28,6 +28,7 @@
 #include "../cuda/basis_cuda.cuh"
 #include "../cuda/dlpack.h"
 #include "pycurv/lanczos.hpp"
+#include "state_common.hpp"
 
 namespace py = pybind11;
 using pycurv::CudaBasis;
@@ -440,12 +441,6 @@ class CudaState {
   pycurv::IntervalTimer timer_;
 };
 
-py::array_t<double> to_array(const std::vector<double>& v) {
-  py::array_t<double> a(static_cast<py::ssize_t>(v.size()));
-  std::copy(v.begin(), v.end(), a.mutable_data());
-  return a;
-}
-
 py::list devices() {
   std::string err;
   py::list out;
@@ -529,34 +524,19 @@ PYBIND11_MODULE(_cuda, m) {
   // The request enum is the CPU core's (one C++ type, registered once).
   m.attr("Request") = core.attr("Request");
 
-  py::class_<CudaState>(m, "LanczosState")
+  py::class_<CudaState> state(m, "LanczosState");
+  state
       .def(py::init([](int64_t n_local, int64_t n_global, int64_t offset, int k, int ncv, int which, double tol,
                        int64_t max_matvecs, uint64_t seed, bool start_given, bool check_multiplicity,
                        bool explicit_residuals, bool want_vectors, bool yield_reduce, double unit_roundoff,
                        int device, uintptr_t stream, bool host_basis) {
-             if (n_local < 1 || n_global < 1 || offset < 0 || offset + n_local > n_global)
-               throw std::invalid_argument("inconsistent n_local, n_global, offset");
-             if (which < 0 || which > 2) throw std::invalid_argument("which must be 0 (LA), 1 (SA) or 2 (BE)");
+             const Options o = pycurv_binding::make_options(
+                 n_local, n_global, offset, k, ncv, which, tol, max_matvecs, seed, start_given, check_multiplicity,
+                 explicit_residuals, want_vectors, yield_reduce, unit_roundoff);
+             if (n_local < 1) throw std::invalid_argument("n_local must be >= 1 on a GPU");
              if (device < 0) throw std::invalid_argument("device must be a CUDA device index >= 0");
-             Options o;
-             o.n_local = n_local;
-             o.n_global = n_global;
-             o.offset = offset;
-             o.k = k;
-             o.ncv = ncv;
-             o.which = static_cast<pycurv::Which>(which);
-             o.tol = tol;
-             o.max_matvecs = max_matvecs;
-             o.seed = seed;
-             o.start_given = start_given;
-             o.check_multiplicity = check_multiplicity;
-             o.explicit_residuals = explicit_residuals;
-             o.want_vectors = want_vectors;
-             o.yield_reduce = yield_reduce;
-             o.unit_roundoff = unit_roundoff;
-             const int nritz = want_vectors ? k : (explicit_residuals ? 1 : 0);
              py::gil_scoped_release release;
-             return new CudaState(o, nritz, device, stream, host_basis);
+             return new CudaState(o, pycurv_binding::ritz_buffers(o), device, stream, host_basis);
            }),
            py::kw_only(), py::arg("n_local"), py::arg("n_global"), py::arg("offset"), py::arg("k"), py::arg("ncv"),
            py::arg("which"), py::arg("tol"), py::arg("max_matvecs"), py::arg("seed"), py::arg("start_given"),
@@ -585,7 +565,6 @@ PYBIND11_MODULE(_cuda, m) {
              return a;
            },
            "The host buffer of partial sums to reduce over processes in place (REDUCE).")
-      .def("stop", [](CudaState& s) { s.lz_.stop(); })
       .def(
           "basis",
           [](CudaState& s, int count) {
@@ -616,35 +595,8 @@ PYBIND11_MODULE(_cuda, m) {
             pycurv::ScopedDevice guard(s.device_);
             return s.timer_.seconds();
           },
-          "Device time of the matvecs (events on the state's stream around each product).")
-      .def_property_readonly("status", [](CudaState& s) { return static_cast<int>(s.lz_.status()); })
-      .def_property_readonly("n_matvecs", [](CudaState& s) { return s.lz_.n_matvecs(); })
-      .def_property_readonly("n_restarts", [](CudaState& s) { return s.lz_.n_restarts(); })
-      .def_property_readonly("n_breakdowns", [](CudaState& s) { return s.lz_.n_breakdowns(); })
-      .def_property_readonly("n_pass3", [](CudaState& s) { return s.lz_.n_pass3(); })
-      .def_property_readonly("n_verify_rounds", [](CudaState& s) { return s.lz_.n_verify_rounds(); })
-      .def_property_readonly("basis_size", [](CudaState& s) { return s.lz_.basis_size(); })
-      .def_property_readonly("n_locked", [](CudaState& s) { return s.lz_.n_locked(); })
-      .def_property_readonly("bytes_moved", [](CudaState& s) { return s.basis_.bytes_moved(); },
-                             "Bytes the basis kernels must move at the least (traffic model for the roofline).")
-      .def_property_readonly("anorm", [](CudaState& s) { return s.lz_.anorm(); })
-      .def_property_readonly("noise_level", [](CudaState& s) { return s.lz_.noise_level(); })
-      .def_property_readonly("asymmetry", [](CudaState& s) { return s.lz_.asymmetry(); })
-      .def_property_readonly("max_h2_ratio", [](CudaState& s) { return s.lz_.max_h2_ratio(); })
-      .def_property_readonly("residuals_explicit", [](CudaState& s) { return s.lz_.residuals_explicit(); })
-      .def("values", [](CudaState& s) { return to_array(s.lz_.values()); })
-      .def("residuals", [](CudaState& s) { return to_array(s.lz_.residuals()); })
-      .def("ritz_values", [](CudaState& s) { return to_array(s.lz_.ritz_values()); })
-      .def("set_unit_roundoff", [](CudaState& s, double u) { s.lz_.set_unit_roundoff(u); }, py::arg("u"))
-      .def("current_values", [](CudaState& s) { return to_array(s.lz_.current_values()); })
-      .def("current_residuals", [](CudaState& s) { return to_array(s.lz_.current_residuals()); })
-      .def("history", [](CudaState& s) {
-        py::dict d;
-        d["n_matvecs"] = to_array(s.lz_.hist_matvecs());
-        d["value"] = to_array(s.lz_.hist_value());
-        d["residual"] = to_array(s.lz_.hist_residual());
-        return d;
-      });
+          "Device time of the matvecs (events on the state's stream around each product).");
+  pycurv_binding::def_results(state);
 
   m.def("devices", &devices,
         "CUDA devices visible to this module: a list of dicts (index, name, total_memory, compute_capability, "

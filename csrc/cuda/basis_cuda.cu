@@ -96,6 +96,20 @@ double elem_vectors(DType t) {  // size of one element in units of a float64
   }
 }
 
+// S[i * rows + j] <- V_i[r0 + j] for i < nv, j < rows (0 beyond the m rows that
+// exist), rows = 1 << shift: the block's threads read the tile of the basis
+// from memory once, consecutive threads consecutive rows (coalesced).
+__device__ __forceinline__ void stage_tile(double* S, const double* V, int64_t ld, int nv, int shift, int64_t r0,
+                                           int m) {
+  const int rows = 1 << shift;
+  const int elems = nv << shift;
+#pragma unroll 8
+  for (int e = threadIdx.x; e < elems; e += kThreads) {
+    const int i = e >> shift, j = e & (rows - 1);
+    S[e] = j < m ? V[static_cast<int64_t>(i) * ld + r0 + j] : 0.0;
+  }
+}
+
 // ---- the Gram-Schmidt passes ------------------------------------------------
 //
 // One kernel for the three passes. The rows are cut into tiles of `rows` rows
@@ -139,17 +153,11 @@ __global__ void __launch_bounds__(kThreads) ortho_kernel(OrthoArgs a) {
   }
   __syncthreads();
   const bool store = a.update || a.src != nullptr;
-  const int tile_elems = a.nv * TR;
   double norm = 0.0;
   for (int64_t t = blockIdx.x; t < a.ntiles; t += gridDim.x) {
     const int64_t r0 = t * TR;
     const int m = static_cast<int>(min(static_cast<int64_t>(TR), a.n - r0));
-    // Stage the tile of V: element e is row (e & (TR - 1)) of vector (e >> shift).
-#pragma unroll 8
-    for (int e = tid; e < tile_elems; e += kThreads) {
-      const int i = e >> a.shift, j = e & (TR - 1);
-      S[e] = j < m ? a.V[static_cast<int64_t>(i) * a.ld + r0 + j] : 0.0;
-    }
+    stage_tile(S, a.V, a.ld, a.nv, a.shift, r0, m);
     __syncthreads();
     for (int j = tid; j < TR; j += kThreads) {
       double x = 0.0;
@@ -217,16 +225,11 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineArgs a) {
   double* S = smem;  // nold x TR
   const int TR = a.rows;
   const int tid = threadIdx.x;
-  const int tile_elems = a.nold * TR;
   const int out_elems = a.nnew * TR;
   for (int64_t t = blockIdx.x; t < a.ntiles; t += gridDim.x) {
     const int64_t r0 = t * TR;
     const int m = static_cast<int>(min(static_cast<int64_t>(TR), a.n - r0));
-#pragma unroll 8
-    for (int e = tid; e < tile_elems; e += kThreads) {
-      const int i = e >> a.shift, j = e & (TR - 1);
-      S[e] = j < m ? a.V[static_cast<int64_t>(i) * a.ld + r0 + j] : 0.0;
-    }
+    stage_tile(S, a.V, a.ld, a.nold, a.shift, r0, m);
     __syncthreads();
     for (int e = tid; e < out_elems; e += kThreads) {
       const int c = e >> a.shift, j = e & (TR - 1);
