@@ -55,7 +55,7 @@ def lanczos_table(benches):
 
 
 def roofline_table(benches):
-    rows = [b for b in benches if "roofline_s" in b["extra_info"]]
+    rows = [b for b in benches if "roofline_s" in b["extra_info"] and b["extra_info"].get("device") != "gpu"]
     if not rows:
         return ""
     bw = rows[0]["extra_info"]["bandwidth_gbs"]
@@ -114,12 +114,58 @@ def distributed_table(benches):
     return "\n".join(out)
 
 
+
+def gpu_roofline_table(benches):
+    rows = [b for b in benches if "roofline_s" in b["extra_info"] and b["extra_info"].get("device") == "gpu"]
+    if not rows:
+        return ""
+    e0 = rows[0]["extra_info"]
+    out = [f"GPU: {e0['gpu']} (compute capability {e0['compute_capability']}, CUDA runtime "
+           f"{e0['cuda'].get('cuda_runtime', '?')}, driver {e0['cuda'].get('cuda_driver', '?')}); read bandwidth "
+           f"(roofline reference) {e0['bandwidth_gbs']:.0f} GB/s", "",
+           "| n | ncv | steps | restarts | core ms/step | roofline ms/step | core / roofline | matvec ms/step |",
+           "|---|---|---|---|---|---|---|---|"]
+    for b in sorted(rows, key=lambda b: (b["extra_info"]["n"], b["extra_info"]["ncv"])):
+        e = b["extra_info"]
+        out.append(f"| {e['n']:.0e} | {e['ncv']} | {e['steps']} | {e['restarts']} | {e['core_ms_per_step']:.2f} | "
+                   f"{e['roofline_ms_per_step']:.2f} | {e['ratio']:.2f} | {e['matvec_ms_per_step']:.2f} |")
+    return "\n".join(out)
+
+
+def gpu_lambda_table(benches):
+    by_model = defaultdict(dict)
+    for b in benches:
+        e = b["extra_info"]
+        if e.get("device") == "gpu" and "hvps_gpu" in e:
+            by_model[(e["model"], e["n"])][e["solver"]] = (e, b["stats"]["median"])
+    if not by_model:
+        return ""
+    out = []
+    for (model, n), rows in by_model.items():
+        p = rows.get("pycurv")
+        any_e = next(iter(rows.values()))[0]
+        out += [f"{model}, n = {n:,} ({any_e.get('hvp_dtype', 'float64')} products, tol {any_e['tol']:g}); "
+                f"lambda_max {any_e['lambda_max']:.6g}, lambda_min {any_e['lambda_min']:.6g} on {any_e['gpu']}", "",
+                "| solver | products | wall s | lambda_1 | relative error | largest algebraic | time vs pycurv |",
+                "|---|---|---|---|---|---|---|"]
+        for name in ("pycurv", "scipy_host", "cupyx", "torch_lobpcg"):
+            if name not in rows:
+                continue
+            e, t = rows[name]
+            vs = f"{t / p[1]:.2f}" if p else "–"
+            mv = str(e["hvps_gpu"]) if e["hvps_gpu"] >= 0 else "–"
+            out.append(f"| {name} | {mv} | {t:.2f} | {e['value']:.8g} | {e['relative_error']:.1e} | "
+                       f"{'yes' if e['largest_algebraic'] else '**no**'} | {vs} |")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
 def main(path):
     data = json.load(open(path))
     benches = data["benchmarks"]
     print(f"Machine: {_machine(data)}\n")
     for table in (lanczos_table(benches), roofline_table(benches), torch_table(benches),
-                  distributed_table(benches)):
+                  distributed_table(benches), gpu_roofline_table(benches), gpu_lambda_table(benches)):
         if table:
             print(table + "\n")
 

@@ -43,7 +43,8 @@ def main(args) -> None:
     basis_mib = 8 * rows * (args.ncv + 1) / 2**20
     line = (f"rank {rank}/{size}: {hi - lo} samples, lambda_1 = {res.eigenvalues[0]:.10g} "
             f"({res.n_matvecs} HVPs, {res.time_matvec:.2f} s in HVPs), basis {basis_mib:.2f} MiB on this rank")
-    print(line, flush=True)
+    # One write per line: ranks share stdout, and print() may write the text and the newline separately.
+    os.write(1, (line + "\n").encode())
 
 
 def _spawned(rank: int, size: int, port: int, args) -> None:

@@ -5,7 +5,8 @@ matrix-vector products alone: float64 thick-restart Lanczos with full
 reorthogonalisation. Stability thresholds and the NQM live in ``pycurv.stability``,
 practical solvers (critical learning rate, catapult warmup) in ``pycurv.solvers``.
 Framework adapters live in ``pycurv.torch`` and ``pycurv.jax`` (imported on
-demand); ``import pycurv`` needs NumPy only.
+demand); ``import pycurv`` needs NumPy only. Operators whose vectors live on
+a GPU are solved there by ``pycurv._cuda`` when the package was built with CUDA.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from ._native import build_info, set_num_threads
 from .errors import (
     ConvergenceWarning,
+    CudaUnavailableError,
     MissingDependencyError,
     NoConvergence,
     NonDeterministicOperatorError,
@@ -20,7 +22,14 @@ from .errors import (
     PycurvError,
 )
 from .lanczos import lanczos, sharpness
-from .operators import FunctionOperator, MatrixOperator, Operator, ShiftedOperator, as_operator
+from .operators import (
+    DeviceMatrixOperator,
+    FunctionOperator,
+    MatrixOperator,
+    Operator,
+    ShiftedOperator,
+    as_operator,
+)
 from .results import History, LanczosProgress, LanczosResult
 from . import solvers, stability
 from .solvers import CriticalLR, PersistentCatapultWarmup, critical_lr, warmup_timing
@@ -49,6 +58,7 @@ __all__ = [
     "Operator",
     "MatrixOperator",
     "FunctionOperator",
+    "DeviceMatrixOperator",
     "ShiftedOperator",
     "as_operator",
     # stability thresholds (pycurv.stability)
@@ -74,6 +84,7 @@ __all__ = [
     "NonFiniteMatvecError",
     "NonDeterministicOperatorError",
     "MissingDependencyError",
+    "CudaUnavailableError",
     "ConvergenceWarning",
     # build
     "build_info",

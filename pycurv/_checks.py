@@ -65,6 +65,7 @@ def check_max_matvecs(max_matvecs, ncv: int, k: int) -> int:
 
 
 def check_v0(v0, n: int) -> np.ndarray:
+    _not_on_device("v0", v0, "pass v0 as a NumPy array")
     try:
         arr = np.asarray(v0)
     except Exception as exc:  # noqa: BLE001 - anything numpy cannot read is a type error here
@@ -109,6 +110,7 @@ def check_positive(name: str, value, *, allow_zero: bool = False) -> float:
 def matvec_output(y, n: int, count: int) -> np.ndarray:
     """Checks what a user's matvec returned (call number ``count``)."""
     if not isinstance(y, np.ndarray):
+        _not_on_device(f"matvec call {count} returned an array that", y, "return a NumPy array")
         try:
             y = np.asarray(y)
         except Exception as exc:  # noqa: BLE001
@@ -125,6 +127,19 @@ def matvec_output(y, n: int, count: int) -> np.ndarray:
         else:
             raise ValueError(f"matvec call {count} returned shape {y.shape}; expected ({n},), the shape of its input")
     return y
+
+
+def _not_on_device(what: str, x, fix: str) -> None:
+    """A GPU array where the solver runs on the CPU: say so, and how to run on the GPU instead."""
+    from ._gpu import array_device
+
+    dev = array_device(x)
+    if dev is not None:
+        raise TypeError(
+            f"{what} lives on {dev}, but the operator runs on the CPU: {fix}, or declare the operator on the GPU "
+            f"so the solver keeps its basis there, e.g. pycurv.FunctionOperator(f, n, device='{dev}', "
+            "framework='torch')"
+        )
 
 
 # --- real-valued hyper-parameters (stability models and solvers) -------------------------------

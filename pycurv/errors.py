@@ -11,6 +11,7 @@ __all__ = [
     "NonFiniteMatvecError",
     "NonDeterministicOperatorError",
     "MissingDependencyError",
+    "CudaUnavailableError",
     "ConvergenceWarning",
 ]
 
@@ -45,6 +46,15 @@ class NonDeterministicOperatorError(PycurvError, ValueError):
 
 class MissingDependencyError(PycurvError, ImportError):
     """An optional dependency is needed for this feature and is not installed."""
+
+
+class CudaUnavailableError(PycurvError, RuntimeError):
+    """A GPU operator or array was given, but pycurv cannot run on that device.
+
+    Either this build has no CUDA module (install with
+    ``pip install . -Ccmake.define.PYCURV_CUDA=ON`` on a machine with the CUDA
+    toolkit) or the CUDA runtime sees no such device (driver, ``CUDA_VISIBLE_DEVICES``).
+    """
 
 
 class ConvergenceWarning(UserWarning):

@@ -1,9 +1,11 @@
 """The Lanczos driver: owns the matvec, answers the compiled state's requests.
 
-The compiled state (``pycurv._core.LanczosState``) holds the float64 Krylov
-basis and does all O(n * ncv) work; this module validates input, hands basis
-vectors to the user's operator as zero-copy read-only views, checks what comes
-back, and assembles the result record.
+The compiled state holds the float64 Krylov basis and does all O(n * ncv)
+work: ``pycurv._core.LanczosState`` in host memory, or, for an operator whose
+``device`` is a GPU, ``pycurv._cuda.LanczosState`` in that GPU's memory. This
+module validates input, hands basis vectors to the user's operator as zero-copy
+views (NumPy, or the operator's framework on a GPU), checks what comes back,
+and assembles the result record.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _gpu
 from ._native import DONE, MATVEC, REDUCE, STATUS, STEP, WHICH_CODE, core
 from .errors import ConvergenceWarning, NoConvergence, NonFiniteMatvecError
 from .operators import as_operator, unit_roundoff
@@ -37,6 +39,7 @@ def lanczos(
     callback: Optional[Callable[[LanczosProgress], Optional[bool]]] = None,
     n: Optional[int] = None,
     check_multiplicity: Optional[bool] = None,
+    host_basis: bool = False,
 ) -> LanczosResult:
     """Extreme eigenvalues of a symmetric operator from matrix-vector products.
 
@@ -47,7 +50,12 @@ def lanczos(
     ----------
     A : array, sparse matrix, LinearOperator, pycurv operator, or callable
         The symmetric operator. A callable ``f(x) -> A @ x`` needs ``n=``.
-        ``matvec`` receives a read-only float64 vector of length n.
+        ``matvec`` receives a read-only float64 vector of length n. An
+        operator on a GPU (``A.device == "cuda:0"``: the torch and JAX
+        adapters on a GPU model, a torch/CuPy/JAX matrix on a GPU,
+        ``pycurv.FunctionOperator(f, n, device="cuda:0", framework=...)``)
+        is solved there: the basis stays in device memory and ``matvec``
+        receives a zero-copy float64 device array of its framework.
     k : int
         Number of eigenvalues wanted, 1 <= k <= n.
     which : {"LA", "SA", "BE"}
@@ -66,8 +74,8 @@ def lanczos(
         Budget of products for the Lanczos steps (default ``max(1000, 30 ncv)``).
         The final residual check adds up to k products.
     v0 : array of shape (n,), optional
-        Start vector (e.g. the previous Ritz vector, to warm-start). Default:
-        a random vector from ``seed``.
+        Start vector (e.g. the previous Ritz vector, to warm-start); a device
+        array for an operator on a GPU. Default: a random vector from ``seed``.
     seed : int or numpy.random.Generator, optional
         Seed of the random start and restart vectors. Same seed, same operator:
         bit-identical results. Drawn from OS entropy if None (recorded in the result).
@@ -83,12 +91,21 @@ def lanczos(
         True (the default for k >= 2) the converged pairs are locked and a new
         random search in their orthogonal complement must not find anything
         that belongs to the wanted set; this costs roughly one more solve.
+    host_basis : bool
+        GPU operators only: keep the basis (and the Ritz vectors) in pinned
+        host memory that the GPU reads over the bus, for bases larger than
+        device memory; the device then holds at most two vectors. Slower:
+        every pass over the basis runs at the bus's bandwidth instead of the
+        GPU memory's. On the CPU the basis is always in host memory and this
+        flag changes nothing.
 
     Returns
     -------
     LanczosResult
         A warning (:class:`pycurv.ConvergenceWarning`) is issued if the result
         did not converge; ``result.converged`` and ``result.status`` say why.
+        For an operator on a GPU, ``eigenvectors`` is a device array of the
+        operator's framework; everything else is the same as on the CPU.
     """
     op = as_operator(A, n=n)
     if getattr(op, "shard_bounds", None) is not None:  # the basis split over devices in this process
@@ -108,13 +125,22 @@ def lanczos(
     tol = _checks.check_tol(tol)
     ncv = _checks.check_ncv(ncv, k, N)
     max_matvecs = _checks.check_max_matvecs(max_matvecs, ncv, k)
-    v0 = None if v0 is None else _checks.check_v0(v0, n_local)
+    host_basis = _checks.check_flag("host_basis", host_basis)
+    on_gpu = _gpu.is_gpu(op.device)
+    if on_gpu and sharded:
+        raise ValueError("shard_basis=True is not available for operators on a GPU yet; use the replicated basis "
+                         "(data parallelism alone) there, or run the sharded basis on the CPU")
+    if on_gpu and comm is not None and v0 is not None:
+        raise ValueError("v0 cannot be combined with a distributed operator on a GPU yet; rank 0's seed starts "
+                         "every rank")
+    if v0 is not None:
+        v0 = _gpu.check_v0(v0, N) if on_gpu else _checks.check_v0(v0, n_local)
     seed = _checks.check_seed(seed)
     if comm is not None:
         seed, v0 = _agree(comm, seed, v0, n_local, sharded)
     if check_multiplicity is None:
         check_multiplicity = k >= 2
-    state = core.LanczosState(
+    options = dict(
         n_local=n_local,
         n_global=N,
         offset=offset,
@@ -131,12 +157,25 @@ def lanczos(
         yield_reduce=sharded,
         unit_roundoff=op.unit_roundoff if op.dtype is not None else 2.0**-53,
     )
-    if v0 is not None:
-        state.start_vector()[:] = v0
-    timing = drive(state, op.matvec, n_local, reduce=comm.allreduce_sum if sharded else None,
-                   learn_dtype=op.dtype is None, callback=callback, comm=comm)
+    learn = op.dtype is None
+    if on_gpu:
+        run = _gpu.DeviceRun(op, host_basis=host_basis)
+        state = run.state(**options)
+        if v0 is not None:
+            state.set_start_vector(v0)
+        timing = drive(state, run.matvec, N, learn_dtype=learn, callback=callback, comm=comm,
+                       check_output=run.check_output, to_host=_gpu.to_numpy)
+        timing = run.timing(state, timing)
+        as_array = run.eigenvectors
+    else:
+        state = core.LanczosState(**options)
+        if v0 is not None:
+            state.start_vector()[:] = v0
+        timing = drive(state, op.matvec, n_local, reduce=comm.allreduce_sum if sharded else None,
+                       learn_dtype=learn, callback=callback, comm=comm)
+        as_array = np.asarray
     result = collect(state, timing, which=which, tol=tol, ncv=ncv, seed=seed, max_matvecs=max_matvecs,
-                     want_vectors=return_eigenvectors)
+                     want_vectors=return_eigenvectors, as_array=as_array)
     if not result.converged:
         warnings.warn(result.message, ConvergenceWarning, stacklevel=2)
     return result
@@ -180,14 +219,17 @@ def sharpness(A, **kwargs) -> float:
 
 
 def drive(state, matvec: Callable, n_local: int, *, reduce: Optional[Callable] = None,
-          learn_dtype: bool = False, callback=None, comm=None) -> dict:
+          learn_dtype: bool = False, callback=None, comm=None, check_output: Callable = _checks.matvec_output,
+          to_host: Callable = np.asarray) -> dict:
     """Answers the state's requests until it is done; returns the time spent.
 
     ``reduce(buffer)`` sums a float64 buffer over processes in place (None: one
     process). With a communicator ``comm`` every matvec runs under
     :func:`pycurv.distributed.guard`, so a failure on one rank stops all ranks,
     and a callback's request to stop is agreed by all ranks. Exceptions raised
-    by ``matvec`` propagate unchanged.
+    by ``matvec`` propagate unchanged. ``check_output(y, n_local, count)``
+    validates each product (device arrays on a GPU); ``to_host(y)`` reads one
+    for the error message when the core finds non-finite values.
     """
     if comm is not None:
         from .distributed import guard
@@ -199,7 +241,7 @@ def drive(state, matvec: Callable, n_local: int, *, reduce: Optional[Callable] =
     y = None
 
     def checked(x, count):
-        return _checks.matvec_output(matvec(x), n_local, count)
+        return check_output(matvec(x), n_local, count)
 
     while True:
         t0 = time.perf_counter()
@@ -207,7 +249,7 @@ def drive(state, matvec: Callable, n_local: int, *, reduce: Optional[Callable] =
             req = int(state.advance())
         except core.NonFiniteError:
             t_core += time.perf_counter() - t0
-            raise _nonfinite(y, count, comm) from None
+            raise _nonfinite(None if y is None else to_host(y), count, comm) from None
         t_core += time.perf_counter() - t0
         if req == MATVEC:
             x = state.matvec_input()
@@ -265,15 +307,15 @@ def _nonfinite(y, count: int, comm=None) -> NonFiniteMatvecError:
 
 
 def collect(state, timing: dict, *, which: str, tol: float, ncv: int, seed: int, max_matvecs: int,
-            want_vectors: bool) -> LanczosResult:
-    """Builds the result record from a finished state."""
+            want_vectors: bool, as_array: Callable = np.asarray) -> LanczosResult:
+    """Builds the result record from a finished state (``as_array`` reads its eigenvectors)."""
     values = np.asarray(state.values(), dtype=np.float64)
     res = np.asarray(state.residuals(), dtype=np.float64)
     status = STATUS.get(int(state.status), "unknown")
     anorm = float(state.anorm)
     vecs = None
     if want_vectors:
-        vecs = np.asarray(state.eigenvectors()).T  # (n, k), column i <-> eigenvalue i
+        vecs = as_array(state.eigenvectors()).T  # (n, k), column i <-> eigenvalue i
     bounds = _error_bounds(values, res, np.asarray(state.ritz_values()))
     rel = _relative(res, values, anorm)
     message = _message(status, rel, tol, max_matvecs, float(state.noise_level), int(state.n_matvecs))

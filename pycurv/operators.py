@@ -4,20 +4,30 @@ An operator has ``shape`` (n, n), ``dtype`` (the arithmetic its ``matvec`` runs
 in, or None if unknown) and ``matvec(x) -> A @ x`` for a float64 vector ``x`` of
 length n. :func:`as_operator` normalises what users pass (NumPy arrays, SciPy
 sparse matrices and ``LinearOperator``\\ s, objects with ``shape`` and
-``matvec``, plain callables) once, at the boundary.
+``matvec``, plain callables, and torch/CuPy/JAX matrices on a GPU) once, at the
+boundary.
+
+Where the vectors live is the operator's ``device``: ``"cpu"`` (``x`` is a
+read-only NumPy vector) or ``"cuda:N"``, where the solver keeps its basis on
+that GPU and ``x`` is a zero-copy float64 array of the operator's
+``framework`` (``"torch"``, ``"cupy"``, ``"jax"``, or None for
+``pycurv._cuda.DeviceArray``, which every framework reads through DLPack).
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
+
+from . import _gpu
 
 __all__ = [
     "Operator",
     "MatrixOperator",
     "FunctionOperator",
+    "DeviceMatrixOperator",
     "ShiftedOperator",
     "as_operator",
     "unit_roundoff",
@@ -53,12 +63,18 @@ class Operator:
     Subclasses set ``shape`` and ``dtype`` and implement ``matvec``. ``exact``
     is True when ``matvec`` is float64 arithmetic on a stored matrix, so the
     solver's residual estimates need no confirmation with extra products.
+    ``device`` says where the vectors live (``"cpu"`` or ``"cuda:N"``) and, on
+    a GPU, ``framework`` which array type ``matvec`` takes: ``"torch"``,
+    ``"cupy"``, ``"jax"`` or None (``pycurv._cuda.DeviceArray``). On a GPU,
+    ``matvec`` may return a device array in float64, float32, float16 or
+    bfloat16 (cast to float64 by the solver) or a host array (copied up).
     """
 
     shape: tuple[int, int]
     dtype: object = None
     exact: bool = False
     device: str = "cpu"
+    framework: Optional[str] = None
 
     def matvec(self, x):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -129,16 +145,33 @@ class MatrixOperator(Operator):
 
 
 class FunctionOperator(Operator):
-    """Wraps ``f(x) -> A @ x`` with the dimension ``n`` and, if known, the dtype of f's arithmetic."""
+    """Wraps ``f(x) -> A @ x`` with the dimension ``n`` and, if known, the dtype of f's arithmetic.
 
-    def __init__(self, f: Callable, n: int, *, dtype=None):
+    ``device="cuda:0"`` runs the solver on that GPU: ``f`` then receives a
+    zero-copy float64 vector of ``framework`` (``"torch"``: a CUDA tensor,
+    ``"cupy"``: a ``cupy.ndarray``, ``"jax"``: a ``jax.Array``; None: a
+    ``pycurv._cuda.DeviceArray``, readable by any of them through DLPack or
+    ``__cuda_array_interface__``). ``f`` must not write to it, and may return
+    a device array in float64, float32, float16 or bfloat16.
+    """
+
+    def __init__(self, f: Callable, n: int, *, dtype=None, device="cpu", framework: Optional[str] = None):
         if not callable(f):
             raise TypeError(f"f must be callable, got {type(f).__name__}")
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ValueError(f"n must be a positive integer, got n={n!r}")
+        device = _gpu.normalize_device(device)
+        if device != "cpu" and not _gpu.is_gpu(device):
+            raise ValueError(f"device must be 'cpu' or 'cuda:N', got device={device!r}")
+        _gpu.check_framework(framework)
+        if framework is not None and device == "cpu":
+            raise ValueError("framework= applies to operators on a GPU (device='cuda:N'); on the CPU, f receives "
+                             "NumPy arrays")
         self._f = f
         self.shape = (int(n), int(n))
         self.dtype = dtype
+        self.device = device
+        self.framework = framework
 
     def matvec(self, x):
         return self._f(x)
@@ -161,9 +194,56 @@ class _Wrapped(Operator):
             if kind == "c":
                 raise TypeError(f"{name} must be real symmetric, got complex dtype {dt}")
         self.dtype = dt
+        device = getattr(obj, "device", None)
+        if device is not None and _gpu.is_gpu(device):
+            self.device = _gpu.normalize_device(device)
+            self.framework = _gpu.check_framework(getattr(obj, "framework", None))
 
     def matvec(self, x):
         return self._obj.matvec(x)
+
+
+class DeviceMatrixOperator(Operator):
+    """A symmetric matrix on a GPU: a torch CUDA tensor, a CuPy array or a JAX GPU array.
+
+    Products run on the matrix's device in its dtype (``A @ x`` with ``x`` cast
+    to it); a float64 matrix is ``exact``. Validated once, on the device:
+    square, real, finite, symmetric to within 1e-8 relative (then symmetrised).
+    """
+
+    def __init__(self, A, *, name: str = "A"):
+        self.device = _gpu.array_device(A)
+        if self.device is None:
+            raise TypeError(f"{name} is not an array on a CUDA device")
+        _gpu.cuda_module(self.device)  # says at once when this build or machine cannot use the GPU
+        fw = _gpu.array_framework(A)
+        if fw is None:
+            raise TypeError(
+                f"{name} is a CUDA array of type {type(A).__name__}, which pycurv cannot multiply; pass "
+                "pycurv.FunctionOperator(f, n, device='cuda:N', framework=...) with f(x) = A @ x")
+        self.framework = fw
+        _check_square(tuple(A.shape), name)
+        dtype = _gpu.dtype_name(A.dtype)
+        if "complex" in dtype:
+            raise TypeError(f"{name} must be real symmetric, got complex dtype {dtype}")
+        fwk = _gpu.framework(fw)
+        if dtype not in ("float64", "float32", "float16", "bfloat16"):
+            A = fwk.astype(A, "float64")
+            dtype = "float64"
+        xp = fwk.namespace()
+        if not bool(xp.all(xp.isfinite(A))):
+            raise ValueError(f"{name} contains NaN or Inf")
+        amax = float(xp.max(xp.abs(A)))
+        asym = float(xp.max(xp.abs(A - A.T)))
+        _check_symmetric(asym, amax, name)
+        self._A = (A + A.T) * 0.5 if asym > 0 else A
+        self._fw = fwk
+        self.shape = (int(A.shape[0]), int(A.shape[1]))
+        self.dtype = dtype
+        self.exact = dtype == "float64"
+
+    def matvec(self, x):
+        return self._A @ (x if self.dtype == "float64" else self._fw.astype(x, self.dtype))
 
 
 class ShiftedOperator(Operator):
@@ -185,13 +265,19 @@ def as_operator(A, *, n: int | None = None, dtype=None) -> Operator:
 
     ``A`` may be a pycurv operator, a symmetric NumPy array (or anything
     ``numpy.asarray`` reads as a 2-D array), a SciPy sparse matrix, a SciPy
-    ``LinearOperator`` or any object with ``shape`` and ``matvec``, or a
-    callable ``f(x) -> A @ x`` given together with ``n``.
+    ``LinearOperator`` or any object with ``shape`` and ``matvec`` (and
+    optionally ``device`` and ``framework``), a callable ``f(x) -> A @ x``
+    given together with ``n``, or a symmetric matrix on a GPU (torch CUDA
+    tensor, CuPy array, JAX GPU array: solved on that GPU).
     """
     if isinstance(A, Operator):
         if n is not None and n != A.shape[0]:
             raise ValueError(f"n={n} does not match the operator's shape {A.shape}")
         return A
+    if _gpu.array_device(A) is not None:
+        if n is not None and tuple(A.shape)[:1] != (n,):
+            raise ValueError(f"n={n} does not match A's shape {tuple(A.shape)}")
+        return DeviceMatrixOperator(A)
     if callable(A) and not hasattr(A, "matvec") and not hasattr(A, "shape"):
         if n is None:
             raise TypeError("A is a callable: pass its dimension too, e.g. pycurv.lanczos(f, n=1000)")

@@ -107,9 +107,10 @@ def test_launcher_example_matches_one_process(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "distributed_sharpness.py"), "--ranks", "2",
                            "--shard-basis", "--samples", "400"], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 0, report
     values = [float(v) for v in re.findall(r"lambda_1 = ([0-9.e+-]+)", proc.stdout)]
-    assert len(values) == 2 and values[0] == values[1]
+    assert len(values) == 2 and values[0] == values[1], report
     sys.path.insert(0, str(ROOT / "examples"))
     try:
         from _common import mlp, synthetic_classification

@@ -8,6 +8,7 @@
 
 #include "../cpu/basis_cpu.hpp"
 #include "pycurv/lanczos.hpp"
+#include "state_common.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -45,12 +46,6 @@ class CpuState {
   py::object out_keep_ = py::none();
 };
 
-py::array_t<double> to_array(const std::vector<double>& v) {
-  py::array_t<double> a(static_cast<py::ssize_t>(v.size()));
-  std::copy(v.begin(), v.end(), a.mutable_data());
-  return a;
-}
-
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -64,31 +59,15 @@ PYBIND11_MODULE(_core, m) {
       .value("STEP", pycurv::Request::Step)
       .value("DONE", pycurv::Request::Done);
 
-  py::class_<CpuState>(m, "LanczosState")
+  py::class_<CpuState> state(m, "LanczosState");
+  state
       .def(py::init([](int64_t n_local, int64_t n_global, int64_t offset, int k, int ncv, int which, double tol,
                        int64_t max_matvecs, uint64_t seed, bool start_given, bool check_multiplicity,
                        bool explicit_residuals, bool want_vectors, bool yield_reduce, double unit_roundoff) {
-             if (n_local < 0 || n_global < 1 || offset < 0 || offset + n_local > n_global)
-               throw std::invalid_argument("inconsistent n_local, n_global, offset");
-             if (which < 0 || which > 2) throw std::invalid_argument("which must be 0 (LA), 1 (SA) or 2 (BE)");
-             Options o;
-             o.n_local = n_local;
-             o.n_global = n_global;
-             o.offset = offset;
-             o.k = k;
-             o.ncv = ncv;
-             o.which = static_cast<pycurv::Which>(which);
-             o.tol = tol;
-             o.max_matvecs = max_matvecs;
-             o.seed = seed;
-             o.start_given = start_given;
-             o.check_multiplicity = check_multiplicity;
-             o.explicit_residuals = explicit_residuals;
-             o.want_vectors = want_vectors;
-             o.yield_reduce = yield_reduce;
-             o.unit_roundoff = unit_roundoff;
-             const int nritz = want_vectors ? k : (explicit_residuals ? 1 : 0);
-             return new CpuState(o, nritz);
+             const Options o = pycurv_binding::make_options(
+                 n_local, n_global, offset, k, ncv, which, tol, max_matvecs, seed, start_given, check_multiplicity,
+                 explicit_residuals, want_vectors, yield_reduce, unit_roundoff);
+             return new CpuState(o, pycurv_binding::ritz_buffers(o));
            }),
            py::kw_only(), py::arg("n_local"), py::arg("n_global"), py::arg("offset"), py::arg("k"), py::arg("ncv"),
            py::arg("which"), py::arg("tol"), py::arg("max_matvecs"), py::arg("seed"), py::arg("start_given"),
@@ -117,7 +96,6 @@ PYBIND11_MODULE(_core, m) {
              CpuState& s = self.cast<CpuState&>();
              return s.view(s.lz_.reduce_buffer(), s.lz_.reduce_size(), self, true);
            })
-      .def("stop", [](CpuState& s) { s.lz_.stop(); })
       .def("basis",
            [](py::object self, int count) {
              CpuState& s = self.cast<CpuState&>();
@@ -138,35 +116,8 @@ PYBIND11_MODULE(_core, m) {
                std::copy(s.basis_.ritz(i), s.basis_.ritz(i) + s.n_, a.mutable_data() + static_cast<int64_t>(i) * s.n_);
              return a;
            },
-           "Copy of the Ritz vectors, one per row, wanted end first.")
-      .def_property_readonly("status", [](CpuState& s) { return static_cast<int>(s.lz_.status()); })
-      .def_property_readonly("n_matvecs", [](CpuState& s) { return s.lz_.n_matvecs(); })
-      .def_property_readonly("n_restarts", [](CpuState& s) { return s.lz_.n_restarts(); })
-      .def_property_readonly("n_breakdowns", [](CpuState& s) { return s.lz_.n_breakdowns(); })
-      .def_property_readonly("n_pass3", [](CpuState& s) { return s.lz_.n_pass3(); })
-      .def_property_readonly("n_verify_rounds", [](CpuState& s) { return s.lz_.n_verify_rounds(); })
-      .def_property_readonly("basis_size", [](CpuState& s) { return s.lz_.basis_size(); })
-      .def_property_readonly("n_locked", [](CpuState& s) { return s.lz_.n_locked(); })
-      .def_property_readonly("bytes_moved", [](CpuState& s) { return s.basis_.bytes_moved(); },
-                             "Bytes the basis kernels must move at the least (traffic model for the roofline).")
-      .def_property_readonly("anorm", [](CpuState& s) { return s.lz_.anorm(); })
-      .def_property_readonly("noise_level", [](CpuState& s) { return s.lz_.noise_level(); })
-      .def_property_readonly("asymmetry", [](CpuState& s) { return s.lz_.asymmetry(); })
-      .def_property_readonly("max_h2_ratio", [](CpuState& s) { return s.lz_.max_h2_ratio(); })
-      .def_property_readonly("residuals_explicit", [](CpuState& s) { return s.lz_.residuals_explicit(); })
-      .def("values", [](CpuState& s) { return to_array(s.lz_.values()); })
-      .def("residuals", [](CpuState& s) { return to_array(s.lz_.residuals()); })
-      .def("ritz_values", [](CpuState& s) { return to_array(s.lz_.ritz_values()); })
-      .def("set_unit_roundoff", [](CpuState& s, double u) { s.lz_.set_unit_roundoff(u); }, py::arg("u"))
-      .def("current_values", [](CpuState& s) { return to_array(s.lz_.current_values()); })
-      .def("current_residuals", [](CpuState& s) { return to_array(s.lz_.current_residuals()); })
-      .def("history", [](CpuState& s) {
-        py::dict d;
-        d["n_matvecs"] = to_array(s.lz_.hist_matvecs());
-        d["value"] = to_array(s.lz_.hist_value());
-        d["residual"] = to_array(s.lz_.hist_residual());
-        return d;
-      });
+           "Copy of the Ritz vectors, one per row, wanted end first.");
+  pycurv_binding::def_results(state);
 
   m.def(
       "symeig",

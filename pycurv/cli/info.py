@@ -46,16 +46,22 @@ def collect() -> dict:
 
 
 def cuda_status() -> dict:
-    """cuda_compiled: the CUDA module was built; cuda_devices: GPUs it can see."""
+    """cuda_compiled: the CUDA module was built; cuda_devices: GPUs it can see.
+
+    With the module: cuda_build (runtime, driver, architectures, whether it is
+    the CPU emulation) and, when no device is visible, cuda_error (why).
+    """
     try:
         from .. import _cuda  # noqa: F401
     except ImportError:
         return {"cuda_compiled": False, "cuda_devices": []}
     try:
-        devices = list(_cuda.devices())
+        status = {"cuda_compiled": True, "cuda_devices": list(_cuda.devices()), "cuda_build": dict(_cuda.build_info())}
+        if not status["cuda_devices"]:
+            status["cuda_error"] = _cuda.device_error()
+        return status
     except Exception as exc:  # noqa: BLE001 - a driver problem is reported, not raised
         return {"cuda_compiled": True, "cuda_devices": [], "cuda_error": str(exc)}
-    return {"cuda_compiled": True, "cuda_devices": devices}
 
 
 def run(args) -> int:
@@ -68,8 +74,15 @@ def run(args) -> int:
     b = info["build"]
     w(f"  core: {b['compiler']}, OpenMP {'on' if b['openmp'] else 'off'} ({b['max_threads']} threads)\n")
     devs = info["cuda_devices"]
-    w(f"  CUDA: {'compiled' if info['cuda_compiled'] else 'not compiled'}; "
-      f"devices: {', '.join(d['name'] if isinstance(d, dict) else str(d) for d in devs) or 'none'}\n")
+    cb = info.get("cuda_build", {})
+    built = "not compiled"
+    if info["cuda_compiled"]:
+        built = ("compiled (CPU emulation)" if cb.get("emulated") else
+                 f"compiled (runtime {cb.get('cuda_runtime', '?')}, architectures {cb.get('architectures', '?')}, "
+                 f"driver {cb.get('cuda_driver', '?')})")
+    names = ", ".join(d["name"] if isinstance(d, dict) else str(d) for d in devs)
+    why = f" ({info['cuda_error']})" if info.get("cuda_error") else ""
+    w(f"  CUDA: {built}; devices: {names or 'none'}{why}\n")
     for name, ver in info["packages"].items():
         w(f"  {name:<11s}{ver or '-'}\n")
     return 0

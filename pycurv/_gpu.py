@@ -1,0 +1,327 @@
+"""Running the Lanczos solver on a CUDA device.
+
+Where the vectors live decides where the solver runs: an operator whose
+``device`` is a CUDA device (``"cuda:0"``; JAX says ``"gpu:0"``) is solved by
+the CUDA module ``pycurv._cuda``, which keeps the float64 Krylov basis in device
+memory and hands each basis vector to the operator as a zero-copy array of the
+operator's ``framework`` (``"torch"``, ``"cupy"``, ``"jax"``, or None for the
+module's own :class:`DeviceArray`, which any of them can read through DLPack).
+
+Nothing here imports a framework that is not imported already: an array can
+only be a torch tensor if torch is in ``sys.modules``. A framework is imported
+only when an operator names it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import numpy as np
+
+from . import _checks
+from ._optional import require
+from .errors import CudaUnavailableError
+
+__all__ = ["is_gpu", "normalize_device", "array_device", "cuda_module", "Framework", "framework", "DeviceRun",
+           "check_v0"]
+
+_FLOAT_NAMES = ("float64", "float32", "float16", "bfloat16")
+_REINSTALL = ("reinstall with pip install . -Ccmake.define.PYCURV_CUDA=ON on a machine with the CUDA toolkit, "
+              "or move the operator to the CPU")
+
+
+# ---- devices ---------------------------------------------------------------------
+
+
+def normalize_device(device) -> str:
+    """``"cpu"``, or ``"cuda:N"`` for a CUDA device (``"cuda"`` is ``"cuda:0"``; JAX's ``"gpu:N"`` is ``"cuda:N"``)."""
+    name = str(device).strip().lower()
+    for prefix in ("cuda", "gpu"):
+        if name == prefix:
+            return "cuda:0"
+        if name.startswith(prefix + ":"):
+            index = name[len(prefix) + 1:]
+            if not index.isdigit():
+                raise ValueError(f"device must be 'cpu' or 'cuda:N' with N a device index, got device={device!r}")
+            return f"cuda:{int(index)}"
+    return name
+
+
+def is_gpu(device) -> bool:
+    """True for a CUDA device name (``cuda``, ``cuda:N``, ``gpu:N``, or a ``torch.device`` of type cuda)."""
+    return device is not None and normalize_device(device).startswith("cuda:")
+
+
+def device_index(device) -> int:
+    return int(normalize_device(device).split(":")[1])
+
+
+def array_device(x) -> Optional[str]:
+    """``"cuda:N"`` if ``x`` is an array in CUDA device memory, else None; never imports a framework."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return f"cuda:{x.device.index or 0}" if x.device.type == "cuda" else None
+    cupy = sys.modules.get("cupy")
+    if cupy is not None and isinstance(x, cupy.ndarray):
+        return f"cuda:{x.device.id}"
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(x, getattr(jax, "Array", ())):
+        dev = _jax_device(x)
+        return f"cuda:{dev.id}" if dev is not None and dev.platform == "gpu" else None
+    if isinstance(x, (np.ndarray, np.generic, list, tuple, int, float)):
+        return None
+    dlpack_device = getattr(x, "__dlpack_device__", None)
+    if callable(dlpack_device):
+        try:
+            kind, index = dlpack_device()
+        except Exception:  # noqa: BLE001 - not a usable DLPack exporter: not a device array either
+            kind, index = None, None
+        if kind is not None:
+            return f"cuda:{int(index)}" if int(kind) in (2, 13) else None  # kDLCUDA, kDLCUDAManaged
+    if hasattr(x, "__cuda_array_interface__"):
+        return "cuda:0"  # the interface does not name the device; the CUDA module checks the pointer
+    return None
+
+
+def _jax_device(x):
+    try:
+        return next(iter(x.devices()))
+    except Exception:  # noqa: BLE001 - abstract tracers have no device
+        return None
+
+
+def cuda_module(device: str):
+    """``pycurv._cuda`` ready to run on ``device``, or :class:`CudaUnavailableError` saying why not."""
+    device = normalize_device(device)
+    try:
+        from . import _cuda
+    except ImportError:
+        raise CudaUnavailableError(
+            f"pycurv was built without CUDA support, so it cannot run on {device}: {_REINSTALL}") from None
+    devices = _cuda.devices()
+    if not devices:
+        reason = _cuda.device_error() or "no device found"
+        raise CudaUnavailableError(
+            f"pycurv's CUDA module is built, but no CUDA device is visible ({reason}), so it cannot run on "
+            f"{device}: check the NVIDIA driver and CUDA_VISIBLE_DEVICES, or move the operator to the CPU")
+    index = device_index(device)
+    if index >= len(devices):
+        raise CudaUnavailableError(
+            f"{device} does not exist: {len(devices)} CUDA device(s) are visible "
+            f"({', '.join(d['name'] for d in devices)})")
+    return _cuda
+
+
+# ---- frameworks ----------------------------------------------------------------------
+
+
+class Framework:
+    """How the solver exchanges vectors with one array library on the GPU.
+
+    ``wrap`` turns the CUDA module's DeviceArray into the library's array without
+    a copy (DLPack); ``stream`` is the library's current stream, the one the
+    solver's kernels are queued on; ``astype`` casts on the device;
+    ``eigenvectors`` is how the result's vectors are returned. Without a
+    library (None) the matvec receives the DeviceArray itself and the
+    eigenvectors come back as a NumPy array.
+    """
+
+    name: Optional[str] = None
+
+    def wrap(self, arr):
+        return arr
+
+    def eigenvectors(self, arr):
+        return arr.numpy() if self.name is None else self.wrap(arr)
+
+    def stream(self, index: int) -> int:
+        return 0
+
+    def astype(self, x, dtype: str):
+        if dtype != "float64":
+            raise TypeError(f"pycurv DeviceArray holds float64 only; cannot cast to {dtype}")
+        return x
+
+    def namespace(self):  # pragma: no cover - only for the frameworks
+        raise NotImplementedError
+
+
+class _Torch(Framework):
+    name = "torch"
+
+    def __init__(self):
+        self.torch = require("torch", "a torch operator on a CUDA device")
+
+    def wrap(self, arr):
+        return self.torch.from_dlpack(arr)
+
+    def stream(self, index):
+        return int(self.torch.cuda.current_stream(index).cuda_stream)
+
+    def astype(self, x, dtype):
+        return x.to(getattr(self.torch, dtype))
+
+    def namespace(self):
+        return self.torch
+
+
+class _CuPy(Framework):
+    name = "cupy"
+
+    def __init__(self):
+        self.cupy = require("cupy", "a CuPy operator")
+
+    def wrap(self, arr):
+        return self.cupy.from_dlpack(arr)
+
+    def stream(self, index):
+        with self.cupy.cuda.Device(index):
+            return int(self.cupy.cuda.get_current_stream().ptr)
+
+    def astype(self, x, dtype):
+        return x.astype(dtype, copy=False)
+
+    def namespace(self):
+        return self.cupy
+
+
+class _Jax(Framework):
+    name = "jax"
+
+    def __init__(self):
+        self.jax = require("jax", "a JAX operator on a GPU")
+        self.jnp = require("jax.numpy", "a JAX operator on a GPU")
+        self.dlpack = require("jax.dlpack", "a JAX operator on a GPU")
+
+    def wrap(self, arr):
+        # JAX has no public stream: the legacy default stream is the solver's,
+        # and DLPack's stream argument orders JAX's work against it both ways.
+        return self.dlpack.from_dlpack(arr)
+
+    def astype(self, x, dtype):
+        return x.astype(dtype)
+
+    def namespace(self):
+        return self.jnp
+
+
+_FRAMEWORKS = {"torch": _Torch, "cupy": _CuPy, "jax": _Jax}
+
+
+def check_framework(name) -> Optional[str]:
+    if name is not None and name not in _FRAMEWORKS:
+        raise ValueError(f"framework must be 'torch', 'cupy', 'jax' or None (the matvec receives pycurv's "
+                         f"DeviceArray), got framework={name!r}")
+    return name
+
+
+def framework(name: Optional[str]) -> Framework:
+    return _FRAMEWORKS[name]() if name is not None else Framework()
+
+
+def array_framework(x) -> Optional[str]:
+    """The library an array belongs to ("torch", "cupy", "jax"), judged from loaded modules only."""
+    for name, cls in (("torch", "Tensor"), ("cupy", "ndarray"), ("jax", "Array")):
+        mod = sys.modules.get(name)
+        if mod is not None and isinstance(x, getattr(mod, cls, ())):
+            return name
+    return None
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "").replace("dtype(", "").strip("')\"")
+
+
+def to_numpy(y) -> np.ndarray:
+    """A host float64 copy of a device array (for error messages)."""
+    fw = array_framework(y)
+    if fw == "torch":
+        return y.detach().to("cpu").double().numpy()
+    if fw == "cupy":
+        return np.asarray(y.get(), dtype=np.float64)
+    if hasattr(y, "numpy") and not isinstance(y, np.ndarray):
+        return np.asarray(y.numpy(), dtype=np.float64)
+    return np.asarray(y, dtype=np.float64)
+
+
+# ---- one run ---------------------------------------------------------------------------
+
+
+class DeviceRun:
+    """What :func:`pycurv.lanczos` needs to drive a CUDA state for one operator."""
+
+    def __init__(self, op, *, host_basis: bool):
+        self.op = op
+        self.device = normalize_device(op.device)
+        self.cuda = cuda_module(self.device)
+        self.index = device_index(self.device)
+        self.framework = framework(check_framework(getattr(op, "framework", None)))
+        self.host_basis = bool(host_basis)
+        self.matvec = self._matvec()
+
+    def state(self, **options):
+        return self.cuda.LanczosState(**options, device=self.index, stream=self.framework.stream(self.index),
+                                      host_basis=self.host_basis)
+
+    def _matvec(self):
+        op, fw = self.op, self.framework
+        hvp = getattr(op, "hvp", None)
+        dtype = getattr(op, "dtype", None)
+        if callable(hvp) and fw.name in ("torch", "jax") and isinstance(dtype, str) and dtype in _FLOAT_NAMES:
+            # The adapters' Hessian operators: their matvec speaks NumPy (a host
+            # copy each way); on the device their hvp takes the framework's
+            # array in the HVP's dtype, and the first product is checked for
+            # determinism as matvec would.
+            def mv(x):
+                v = fw.astype(fw.wrap(x), dtype)
+                y = hvp(v)
+                if getattr(op, "_probe_pending", False):
+                    op._probe_pending = False
+                    op._compare(y, hvp(v))
+                return y
+
+            return mv
+        return lambda x: op.matvec(fw.wrap(x))
+
+    def check_output(self, y, n: int, count: int):
+        """What a GPU matvec returned: a device array on the operator's device, or a host array (copied up)."""
+        dev = array_device(y)
+        if dev is None:
+            return _checks.matvec_output(y, n, count)
+        if dev != self.device and array_framework(y) is not None:  # a bare exporter's device is checked by the module
+            raise ValueError(f"matvec call {count} returned an array on {dev}, but the operator's vectors live on "
+                             f"{self.device}; compute the product on {self.device}")
+        shape = getattr(y, "shape", None)
+        if shape is None:  # a bare exporter: the interface says the shape (DLPack is checked by the module)
+            cai = getattr(y, "__cuda_array_interface__", None)
+            shape = cai.get("shape") if isinstance(cai, dict) else None
+        if shape is not None and tuple(shape) not in ((n,), (n, 1)):
+            raise ValueError(f"matvec call {count} returned shape {tuple(shape)}; expected ({n},), the shape of its "
+                             "input")
+        dtype = getattr(y, "dtype", None)
+        if dtype is not None and dtype_name(dtype) not in _FLOAT_NAMES:
+            name = dtype_name(dtype)
+            if "complex" in name:
+                raise TypeError(f"matvec call {count} returned complex values (dtype {name}); A must be real symmetric")
+            raise TypeError(f"matvec call {count} returned dtype {name}; expected float64, float32, float16 or "
+                            "bfloat16")
+        return y
+
+    def timing(self, state, timing: dict) -> dict:
+        """Matvec time measured on the device (events around each product), the rest is the core's."""
+        t_mv = float(state.matvec_seconds)
+        return {"matvec": t_mv, "core": max(0.0, timing["total"] - t_mv), "total": timing["total"]}
+
+    def eigenvectors(self, arr):
+        return self.framework.eigenvectors(arr)
+
+
+def check_v0(v0, n: int):
+    """v0 for a GPU operator: a device array of shape (n,) or (n, 1), or anything check_v0 accepts on the host."""
+    if array_device(v0) is None:
+        return _checks.check_v0(v0, n)
+    shape = tuple(getattr(v0, "shape", ()))
+    if shape not in ((n,), (n, 1)):
+        raise ValueError(f"v0 must have shape ({n},) to match A, got shape {shape}")
+    return v0
