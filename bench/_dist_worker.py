@@ -31,6 +31,7 @@ def run(rank, size, port, layout, outdir):
 
     import pycurv
     import pycurv.torch as pt
+    from pycurv.distributed import end_process_group
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
@@ -48,6 +49,5 @@ def run(rank, size, port, layout, outdir):
                    time_matvec=res.time_matvec, time_core=res.time_core, n=H.shape[0], rows=rows,
                    basis_bytes=8 * rows * (NCV + 1), converged=bool(res.converged))
         np.save(os.path.join(outdir, f"rank{rank}.npy"), np.array([out], dtype=object), allow_pickle=True)
-        dist.barrier()
     finally:
-        dist.destroy_process_group()
+        end_process_group()

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import pycurv
 import pycurv.torch as pt
+from pycurv.distributed import end_process_group
 from _common import mlp, synthetic_classification
 
 
@@ -53,8 +54,7 @@ def _spawned(rank: int, size: int, port: int, args) -> None:
     try:
         main(args)
     finally:
-        dist.barrier()  # no rank closes its connections while a peer still reads them
-        dist.destroy_process_group()
+        end_process_group()  # not barrier + destroy: see its docstring
 
 
 if __name__ == "__main__":
@@ -71,8 +71,7 @@ if __name__ == "__main__":
         try:
             main(args)
         finally:
-            dist.barrier()  # no rank closes its connections while a peer still reads them
-        dist.destroy_process_group()
+            end_process_group()
     else:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

@@ -23,6 +23,7 @@ process group's own timeout (``torch.distributed.init_process_group(timeout=...)
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Optional
 
 import numpy as np
@@ -39,6 +40,7 @@ __all__ = [
     "DataParallelOperator",
     "RowShardedOperator",
     "shard_bounds",
+    "end_process_group",
 ]
 
 
@@ -77,6 +79,9 @@ class Communicator:
         raise NotImplementedError
 
 
+_SETTLE_S = 10.0  # longest wait for a worker thread to let go of a finished collective's tensors
+
+
 class TorchCommunicator(Communicator):
     """A ``torch.distributed`` process group (gloo on CPU; NCCL stages buffers through ``device``)."""
 
@@ -99,10 +104,35 @@ class TorchCommunicator(Communicator):
         if device is None:
             device = "cuda" if backend == "nccl" else "cpu"
         self.device = torch.device(device)
+        # Only gloo runs collectives on worker threads that outlive the call
+        # (NCCL's are asynchronous on the GPU by design).
+        self._use_counts = backend == "gloo" and hasattr(torch.Tensor, "_use_count")
 
     def _tensor(self, arr: np.ndarray):
         t = self._torch.from_numpy(arr)
         return t if self.device.type == "cpu" else t.to(self.device)
+
+    def _settle(self, tensors, counts) -> None:
+        """Returns once the process group's worker threads hold none of ``tensors``.
+
+        A gloo collective returns when its result is ready, but the worker
+        thread that ran it drops its reference to the tensors a moment later.
+        Whoever releases a Python-visible tensor last must take the interpreter
+        lock; if that is the worker while the interpreter is exiting, the
+        process aborts ("terminate called without an active exception"). So
+        every collective here ends only when the tensors' use counts are back
+        to what they were before it (typically at once; otherwise after one
+        yield of the interpreter lock).
+        """
+        deadline = time.monotonic() + _SETTLE_S
+        while any(t._use_count() > c for t, c in zip(tensors, counts)) and time.monotonic() < deadline:
+            time.sleep(0)
+
+    def _collective(self, fn, *tensors):
+        counts = [t._use_count() for t in tensors] if self._use_counts else None
+        fn()
+        if counts is not None:
+            self._settle(tensors, counts)
 
     def _back(self, t, arr: np.ndarray) -> None:
         if self.device.type != "cpu":
@@ -110,35 +140,75 @@ class TorchCommunicator(Communicator):
 
     def allreduce_sum(self, buf):
         t = self._tensor(buf)
-        self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM, group=self.group)
+        self._collective(lambda: self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM, group=self.group), t)
         self._back(t, buf)
 
     def allreduce_max(self, value):
         arr = np.array([value], dtype=np.int64)
         t = self._tensor(arr)
-        self._dist.all_reduce(t, op=self._dist.ReduceOp.MAX, group=self.group)
+        self._collective(lambda: self._dist.all_reduce(t, op=self._dist.ReduceOp.MAX, group=self.group), t)
         self._back(t, arr)
         return int(arr[0])
 
     def broadcast(self, buf, root=0):
         t = self._tensor(buf)
         src = self._dist.get_global_rank(self.group, root) if self.group is not None else root
-        self._dist.broadcast(t, src=src, group=self.group)
+        self._collective(lambda: self._dist.broadcast(t, src=src, group=self.group), t)
         self._back(t, buf)
 
     def allgather(self, local, counts):
         counts = [int(c) for c in counts]
-        width = max(counts)
+        width = max(max(counts), 1)
         padded = np.zeros(width, dtype=np.float64)
         padded[: local.size] = local
         out = [self._torch.zeros(width, dtype=self._torch.float64, device=self.device) for _ in range(self.size)]
-        self._dist.all_gather(out, self._tensor(padded), group=self.group)
+        mine = self._tensor(padded)
+        self._collective(lambda: self._dist.all_gather(out, mine, group=self.group), mine, *out)
         return np.concatenate([o[:c].cpu().numpy() for o, c in zip(out, counts)])
 
+    def allreduce_tensor(self, t) -> None:
+        """Sums a torch tensor over the ranks in place, on its own device (no staging)."""
+        self._collective(lambda: self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM, group=self.group), t)
+
+    def allgather_tensor(self, parts, t) -> None:
+        """Every rank's ``t`` (same shape everywhere) into ``parts``, on the tensors' device."""
+        self._collective(lambda: self._dist.all_gather(parts, t, group=self.group), t, *parts)
+
     def gather_messages(self, text):
-        out = [None] * self.size
-        self._dist.all_gather_object(out, text, group=self.group)
+        # Not all_gather_object: its internal tensors could not be settled.
+        data = np.frombuffer(text.encode("utf-8", "replace"), dtype=np.uint8)
+        counts = [0] * self.size
+        counts[self.rank] = data.size
+        sizes = np.array(counts, dtype=np.float64)
+        self.allreduce_sum(sizes)
+        codes = self.allgather(data.astype(np.float64), sizes.astype(int))
+        out, start = [], 0
+        for c in sizes.astype(int):
+            out.append(codes[start:start + c].astype(np.uint8).tobytes().decode("utf-8", "replace"))
+            start += c
         return out
+
+
+def end_process_group(group=None) -> None:
+    """Ends a ``torch.distributed`` run: every rank meets once more, then ``group`` is destroyed.
+
+    Call it on every rank instead of ``dist.barrier(); dist.destroy_process_group()``.
+    With gloo, that pair can abort a process as it exits ("terminate called
+    without an active exception"): the barrier holds the earlier collectives'
+    tensors, and the group's worker thread may release them only after the
+    interpreter has begun to shut down. The last meeting here is an all-reduce
+    on a tensor that stays referenced until the group is gone, so no rank
+    closes its connections while a peer still reads them and the worker is
+    left nothing that needs the interpreter. ``group=None`` ends the default
+    group (and with it every other).
+    """
+    from ._optional import require
+
+    require("torch", "pycurv.distributed.end_process_group")
+    import torch.distributed as dist
+
+    TorchCommunicator(group).allreduce_max(0)  # settled: see TorchCommunicator._settle
+    dist.destroy_process_group(group)
 
 
 _SYNCED = "__pycurv_synchronized__"

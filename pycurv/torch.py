@@ -316,12 +316,11 @@ class HessianOperator(HVPOperator):
         backend = dist.get_backend(group)
         self.comm = TorchCommunicator(group if group is not dist.group.WORLD else None,
                                       device=self.torch_device if backend == "nccl" else "cpu")
-        self._group = None if group is dist.group.WORLD else group
 
         def allreduce(total, count):
-            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self._group)
+            self.comm.allreduce_tensor(total)
             c = torch.tensor([float(count)], dtype=torch.float64, device=total.device)
-            dist.all_reduce(c, op=dist.ReduceOp.SUM, group=self._group)
+            self.comm.allreduce_tensor(c)
             return total, int(round(float(c.item())))
 
         self._allreduce = allreduce
@@ -333,13 +332,12 @@ class HessianOperator(HVPOperator):
 
     def _gather(self, v_local):
         """The whole vector from every rank's rows (on the device)."""
-        dist = torch.distributed
         counts = [hi - lo for lo, hi in self._bounds]
         width = max(counts)
         buf = torch.zeros(width, dtype=v_local.dtype, device=v_local.device)
         buf[: v_local.numel()] = v_local
         parts = [torch.empty_like(buf) for _ in counts]
-        dist.all_gather(parts, buf, group=self._group)
+        self.comm.allgather_tensor(parts, buf)
         return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
     def matvec(self, x):

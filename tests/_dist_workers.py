@@ -25,6 +25,8 @@ def run(rank, size, port, outdir):
     """Runs every scenario for this world size in one process group (errors leave it consistent)."""
     import torch.distributed as dist
 
+    from pycurv.distributed import end_process_group
+
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
     try:
@@ -33,8 +35,7 @@ def run(rank, size, port, outdir):
             np.save(os.path.join(outdir, f"{scenario}-rank{rank}.npy"), np.array([out], dtype=object),
                     allow_pickle=True)
     finally:
-        dist.barrier()  # no rank closes its connections while a peer still reads them
-        dist.destroy_process_group()
+        end_process_group()
 
 
 def scenario_run(rank, size, scenario):

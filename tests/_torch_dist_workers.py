@@ -36,12 +36,14 @@ def model():
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
 
 
-SCENARIOS = ("replicated", "ddp", "sharded", "raise", "nan")
+SCENARIOS = ("replicated", "ddp", "sharded", "raise", "nan", "settle")
 
 
 def run(rank, size, port, outdir):
     import torch
     import torch.distributed as dist
+
+    from pycurv.distributed import end_process_group
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
@@ -52,8 +54,7 @@ def run(rank, size, port, outdir):
             np.save(os.path.join(outdir, f"{scenario}-rank{rank}.npy"), np.array([out], dtype=object),
                     allow_pickle=True)
     finally:
-        dist.barrier()  # no rank closes its connections while a peer still reads them
-        dist.destroy_process_group()
+        end_process_group()
 
 
 def scenario_run(rank, size, scenario):
@@ -97,6 +98,22 @@ def scenario_run(rank, size, scenario):
                 out["error"] = None
             except BaseException as exc:  # noqa: BLE001
                 out["error"] = f"{type(exc).__name__}: {exc}"
+        elif scenario == "settle":
+            # After a collective returns, gloo's worker thread must hold none of its tensors:
+            # if it released the last reference while the interpreter exits, the process aborts.
+            from pycurv.distributed import TorchCommunicator
+
+            comm = TorchCommunicator()
+            held = []
+            for i in range(300):
+                t = torch.full((64,), float(rank))
+                comm.allreduce_tensor(t)
+                parts = [torch.empty(8) for _ in range(size)]
+                mine = torch.full((8,), float(i))
+                comm.allgather_tensor(parts, mine)
+                held.append(max(x._use_count() for x in [t, mine, *parts]))
+            out.update(max_use_count=max(held), total=float(t[0]))
+            out.update(messages=comm.gather_messages("" if rank else "ünïcode ✓ message"))
         elif scenario == "nan":
             xs = shard[0].clone()
             if rank == 1:
