@@ -247,6 +247,12 @@ CpuBasis::CpuBasis(int64_t n, int nslots, int nritz)
 
 int64_t CpuBasis::chunks() const { return std::max<int64_t>(1, (n_ + kChunk - 1) / kChunk); }
 
+constexpr double kThreadedMin = 4.0 * 1024 * 1024;  // doubles streamed (32 MiB)
+
+bool CpuBasis::threaded(double vectors) const {
+  return chunks() > 1 && vectors * static_cast<double>(n_) >= kThreadedMin;
+}
+
 void CpuBasis::sum_chunks(int width, double* out) const {
   const int64_t nc = chunks();
   for (int i = 0; i < width; ++i) out[i] = 0.0;
@@ -264,7 +270,7 @@ void CpuBasis::dots(const double* src, int w, int nv, double* out) {
   double* wv = slot(w);
   // No reuse of V here: whole chunks, so each vector is read in long runs.
   const int64_t sub = kChunk;
-#pragma omp parallel for schedule(static) if (nc > 1)
+#pragma omp parallel for schedule(static) if (threaded(nv + 1 + (src ? 2 : 0)))
   for (int64_t c = 0; c < nc; ++c) {
     double* p = partial_.data() + c * width;
     const int64_t r1 = std::min(n_, (c + 1) * kChunk);
@@ -286,7 +292,7 @@ void CpuBasis::update_dots(int w, int nv, const double* h, double* out) {
   partial_.assign(static_cast<size_t>(nc) * width, 0.0);
   double* wv = slot(w);
   const int64_t sub = sub_block(nv);
-#pragma omp parallel for schedule(static) if (nc > 1)
+#pragma omp parallel for schedule(static) if (threaded(nv + 2))
   for (int64_t c = 0; c < nc; ++c) {
     double* p = partial_.data() + c * width;
     const int64_t r1 = std::min(n_, (c + 1) * kChunk);
@@ -307,7 +313,7 @@ void CpuBasis::update_norm(int w, int nv, const double* h, double* out) {
   partial_.assign(static_cast<size_t>(nc), 0.0);
   double* wv = slot(w);
   const int64_t sub = sub_block(nv);
-#pragma omp parallel for schedule(static) if (nc > 1)
+#pragma omp parallel for schedule(static) if (threaded(nv + 2))
   for (int64_t c = 0; c < nc; ++c) {
     double s = 0.0;
     const int64_t r1 = std::min(n_, (c + 1) * kChunk);
@@ -326,7 +332,7 @@ void CpuBasis::scale(int w, double a) {
   count(2);
   double* wv = slot(w);
   const int64_t nc = chunks();
-#pragma omp parallel for schedule(static) if (nc > 1)
+#pragma omp parallel for schedule(static) if (threaded(2))
   for (int64_t c = 0; c < nc; ++c) {
     const int64_t r1 = std::min(n_, (c + 1) * kChunk);
 #pragma omp simd
@@ -338,7 +344,7 @@ void CpuBasis::random_normal(int w, uint64_t key, int64_t offset) {
   count(1);
   double* wv = slot(w);
   const int64_t nc = chunks();
-#pragma omp parallel for schedule(static) if (nc > 1)
+#pragma omp parallel for schedule(static) if (threaded(1))
   for (int64_t c = 0; c < nc; ++c) {
     const int64_t r1 = std::min(n_, (c + 1) * kChunk);
     for (int64_t r = c * kChunk; r < r1; ++r) wv[r] = normal_at(key, static_cast<uint64_t>(offset + r));
@@ -349,7 +355,7 @@ void CpuBasis::combine(int nold, const double* C, int nnew) {
   count(nold + nnew);
   const int64_t nc = chunks();
   const int64_t sub = sub_block(std::max(nold, nnew));
-#pragma omp parallel if (nc > 1)
+#pragma omp parallel if (threaded(nold + nnew))
   {
     std::vector<double> buf(static_cast<size_t>(nnew) * sub);
 #pragma omp for schedule(static)
@@ -370,7 +376,7 @@ void CpuBasis::ritz_vector(int nold, const double* s, int r) {
   double* y = ritz(r);
   const int64_t nc = chunks();
   const int64_t sub = sub_block(nold);
-#pragma omp parallel for schedule(static) if (nc > 1)
+#pragma omp parallel for schedule(static) if (threaded(nold + 1))
   for (int64_t c = 0; c < nc; ++c) {
     const int64_t r1 = std::min(n_, (c + 1) * kChunk);
     for (int64_t r0 = c * kChunk; r0 < r1; r0 += sub) {
@@ -385,7 +391,7 @@ void CpuBasis::residual(const double* w, int r, double theta, double* out) {
   const double* y = ritz(r);
   const int64_t nc = chunks();
   partial_.assign(static_cast<size_t>(nc), 0.0);
-#pragma omp parallel for schedule(static) if (nc > 1)
+#pragma omp parallel for schedule(static) if (threaded(2))
   for (int64_t c = 0; c < nc; ++c) {
     double s = 0.0;
     const int64_t r1 = std::min(n_, (c + 1) * kChunk);

@@ -51,6 +51,14 @@ class CpuBasis {
 
  private:
   int64_t chunks() const;
+  // Whether a kernel that touches `vectors` vectors of length n runs on the
+  // OpenMP team: only when it streams at least kThreadedMin doubles. Shorter
+  // kernels gain little from a second thread and lose much when the cores are
+  // shared: the caller's own threads (OpenBLAS, torch) spin for a while after
+  // each product, and a team that waits for a descheduled member pays a
+  // scheduler time slice per kernel (measured: 8x slower solves at n = 1e5
+  // with a NumPy matvec on 2 cores).
+  bool threaded(double vectors) const;
   void sum_chunks(int width, double* out) const;
 
   int64_t n_;
