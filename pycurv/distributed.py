@@ -197,10 +197,11 @@ def end_process_group(group=None) -> None:
     without an active exception"): the barrier holds the earlier collectives'
     tensors, and the group's worker thread may release them only after the
     interpreter has begun to shut down. The last meeting here is an all-reduce
-    on a tensor that stays referenced until the group is gone, so no rank
-    closes its connections while a peer still reads them and the worker is
-    left nothing that needs the interpreter. ``group=None`` ends the default
-    group (and with it every other).
+    that returns only once the worker has let go of its tensor
+    (:meth:`TorchCommunicator._settle`), so no rank closes its connections
+    while a peer still reads them and the worker is left nothing that needs
+    the interpreter. ``group=None`` ends the default group (and with it every
+    other).
     """
     from ._optional import require
 
