@@ -1,5 +1,6 @@
 import importlib.util
 import pathlib
+import socket
 
 import numpy as np
 import pytest
@@ -15,6 +16,13 @@ if importlib.util.find_spec("torch") is not None:
     torch.set_num_threads(1)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pytest_report_header(config):

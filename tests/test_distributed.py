@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import numpy as np
@@ -13,14 +12,9 @@ import torch.multiprocessing as mp
 
 import pycurv  # noqa: E402
 from _dist_workers import TIMEOUT_S, matrix, run  # noqa: E402
+from conftest import free_port  # noqa: E402
 
 pytestmark = pytest.mark.dist
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["2-ranks", "4-ranks"])
@@ -29,7 +23,7 @@ def world(request, tmp_path_factory):
     size = request.param
     outdir = tmp_path_factory.mktemp(f"dist{size}")
     t0 = time.perf_counter()
-    mp.start_processes(run, args=(size, _free_port(), str(outdir)), nprocs=size, join=True, start_method="spawn")
+    mp.start_processes(run, args=(size, free_port(), str(outdir)), nprocs=size, join=True, start_method="spawn")
     wall = time.perf_counter() - t0
 
     def results(scenario):

@@ -3,8 +3,6 @@ products, a DDP-wrapped model, a sharded Lanczos basis, and failures on one rank
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 import torch  # noqa: F401 - a test dependency: its absence must fail, not skip
@@ -14,21 +12,16 @@ import torch.nn.functional as F
 import pycurv
 import pycurv.torch as pt
 from _torch_dist_workers import TIMEOUT_S, data, model, run
+from conftest import free_port
 
 pytestmark = pytest.mark.dist
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["2-ranks", "4-ranks"])
 def world(request, tmp_path_factory):
     size = request.param
     outdir = tmp_path_factory.mktemp(f"torchdist{size}")
-    mp.start_processes(run, args=(size, _free_port(), str(outdir)), nprocs=size, join=True, start_method="spawn")
+    mp.start_processes(run, args=(size, free_port(), str(outdir)), nprocs=size, join=True, start_method="spawn")
 
     def results(scenario):
         outs = [np.load(outdir / f"{scenario}-rank{r}.npy", allow_pickle=True)[0] for r in range(size)]
