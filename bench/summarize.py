@@ -51,6 +51,34 @@ def lanczos_table(benches):
         out.append("")
         out.append(f"Median matvec ratio pycurv/ARPACK over the spectra where ARPACK is correct: "
                    f"**{statistics.median(ratios):.2f}** ({len(ratios)} spectra).")
+    equal = _equal_memory(rows)
+    if equal:
+        out += ["", equal]
+    return "\n".join(out)
+
+
+def _equal_memory(rows):
+    """The two solvers at the same basis size: pycurv at 20 vs ARPACK's default, ARPACK at 32 vs pycurv's."""
+    pairs = [("pycurv_ncv20", "arpack", 20), ("pycurv", "arpack_ncv32", 32)]
+    if not any(p in by and a in by for by in rows.values() for p, a, _ in pairs):
+        return ""
+    out = ["Equal basis size (same operators; ratio pycurv/ARPACK where ARPACK is correct):", "",
+           "| spectrum | pycurv ncv=20 | ARPACK ncv=20 | ratio | pycurv ncv=32 | ARPACK ncv=32 | ratio |",
+           "|---|---|---|---|---|---|---|"]
+    ratios = {20: [], 32: []}
+    for case, by in rows.items():
+        cells = []
+        for p, a, ncv in pairs:
+            pe, ae = by.get(p), by.get(a)
+            r = ""
+            if pe and ae and ae[0]["correct"] and ae[0]["matvecs"]:
+                ratios[ncv].append(pe[0]["matvecs"] / ae[0]["matvecs"])
+                r = f"{ratios[ncv][-1]:.2f}"
+            cells += ["–" if pe is None else str(pe[0]["matvecs"]), "–" if ae is None else str(ae[0]["matvecs"]), r]
+        out.append(f"| {case} | " + " | ".join(cells) + " |")
+    out.append("")
+    out.append("Median ratio at equal basis size: " + ", ".join(
+        f"ncv = {ncv}: **{statistics.median(v):.2f}** ({len(v)} spectra)" for ncv, v in ratios.items() if v) + ".")
     return "\n".join(out)
 
 

@@ -30,10 +30,17 @@ def check_k(k, n: int) -> int:
 
 
 def default_ncv(k: int, n: int) -> int:
-    """Basis size used when ncv is not given: 2k + 1, at least 20, at most n."""
+    """Basis size used when ncv is not given: 2k + 1, at least 32, at most n.
+
+    32 rather than ARPACK's 20: where the top eigenvalue is not separated
+    (a continuum edge, a uniform spectrum) restarts dominate and 32 vectors
+    need about half the products of 20 (bench/RESULTS.md). Where it is
+    separated the run ends in the first cycle and the size does not matter;
+    on the CPU the basis pages are only committed as the basis fills.
+    """
     if k >= n - 1:
         return n
-    return min(n, max(2 * k + 1, 20))
+    return min(n, max(2 * k + 1, 32))
 
 
 def check_ncv(ncv, k: int, n: int) -> int:

@@ -68,7 +68,7 @@ def lanczos(
         ``||A||_est`` the largest |Ritz value| seen.
     ncv : int, optional
         Basis vectors kept (memory: 8 * n * (ncv + 1) bytes). Default
-        ``min(n, max(2k + 1, 20))``; must satisfy k + 2 <= ncv <= n (ncv = n
+        ``min(n, max(2k + 1, 32))``; must satisfy k + 2 <= ncv <= n (ncv = n
         when k >= n - 1).
     max_matvecs : int, optional
         Budget of products for the Lanczos steps (default ``max(1000, 30 ncv)``).

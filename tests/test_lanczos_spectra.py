@@ -179,6 +179,14 @@ def test_thick_restart_small_basis():
     assert res.n_restarts > 10 and res.ncv == 8
 
 
+def test_default_basis_size():
+    """ncv defaults to 2k + 1, at least 32, at most n (README, lanczos docstring)."""
+    a = dense(_linspace(-1.0, 1.0, 200), seed=6)
+    assert pycurv.lanczos(a, 1, tol=1e-8, seed=0).ncv == 32
+    assert pycurv.lanczos(a, 20, tol=1e-8, seed=0).ncv == 41
+    assert pycurv.lanczos(a[:10, :10], 1, seed=0).ncv == 10
+
+
 def test_warm_start_from_ritz_vector():
     a = dense(np.r_[_linspace(-1.0, 1.0, 399), 1.01], seed=8)
     cold = pycurv.lanczos(a, 1, tol=1e-10, seed=0)
