@@ -734,46 +734,21 @@ def adam_preconditioner(optimizer, params: Optional[Sequence] = None, *, names: 
             f"preconditioner must be a torch.optim.Adam, AdamW or RMSprop, or a 1-D tensor holding the "
             f"diagonal of P; got {type(optimizer).__name__}"
         )
-    group_of = {}
-    for gi, g in enumerate(optimizer.param_groups):
-        for p in g["params"]:
-            group_of[id(p)] = gi
-    if params is None:
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-    params = list(params)
-    names = list(names) if names is not None else [f"parameter {i}" for i in range(len(params))]
-    lr0 = _scalar(optimizer.param_groups[0]["lr"])
     beta1_0 = _scalar(optimizer.param_groups[0]["betas"][0])
-    parts = []
-    for name, p in zip(names, params):
-        if id(p) not in group_of:
-            raise ValueError(f"{name} is not optimised by the {type(optimizer).__name__} passed as preconditioner")
-        g = optimizer.param_groups[group_of[id(p)]]
-        st = optimizer.state.get(p, {})
-        if "exp_avg_sq" not in st or _scalar(st.get("step", 0)) < 1:
-            raise ValueError(
-                f"the {type(optimizer).__name__} passed as preconditioner has taken no step yet (no exp_avg_sq "
-                f"for {name}); Adam's preconditioner exists after the first optimizer.step()"
-            )
+
+    def diagonal(g, st):
         b1, b2 = (_scalar(b) for b in g["betas"])
         if b1 != beta1_0:
             raise ValueError(
                 f"parameter groups have different beta1 ({beta1_0} and {b1}); one threshold "
                 "(2 + 2 beta1) / ((1 - beta1) lr) cannot cover them"
             )
-        eps = _scalar(g["eps"])
         t = _scalar(st["step"])
         v = st["max_exp_avg_sq"] if g.get("amsgrad", False) else st["exp_avg_sq"]
-        v = v.detach().to(torch.float64).reshape(-1)
-        v_hat = v / (1.0 - b2**t)
-        P = (1.0 - b1**t) * (torch.sqrt(v_hat) + eps)
-        lr = _scalar(g["lr"])
-        if lr != lr0:
-            if lr <= 0:
-                raise ValueError(f"parameter group of {name} has lr={lr}; the preconditioned operator needs lr > 0")
-            P = P * (lr0 / lr)
-        parts.append(P)
-    return torch.cat(parts)
+        v_hat = v.detach().to(torch.float64).reshape(-1) / (1.0 - b2**t)
+        return (1.0 - b1**t) * (torch.sqrt(v_hat) + _scalar(g["eps"]))
+
+    return _per_parameter_diagonal(optimizer, params, names, "exp_avg_sq", diagonal)
 
 
 def _is_rmsprop_like(opt) -> bool:
@@ -790,27 +765,38 @@ def rmsprop_preconditioner(optimizer, params: Optional[Sequence] = None, *, name
     """
     if not _is_rmsprop_like(optimizer):
         raise TypeError(f"expected a torch.optim.RMSprop (param_groups with 'alpha' and 'eps'), got {type(optimizer).__name__}")
+
+    def diagonal(g, st):
+        v = st["square_avg"].detach().to(torch.float64).reshape(-1)
+        if g.get("centered", False):
+            v = v - st["grad_avg"].detach().to(torch.float64).reshape(-1) ** 2
+        return torch.sqrt(v) + _scalar(g["eps"])
+
+    return _per_parameter_diagonal(optimizer, params, names, "square_avg", diagonal)
+
+
+def _per_parameter_diagonal(optimizer, params, names, state_key: str, diagonal: Callable):
+    """Concatenates diagonal(group, state) over params (default: every optimised
+    parameter, in group order), each scaled by lr_0 / lr of its group."""
     group_of = {id(p): gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]}
     if params is None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
     params = list(params)
     names = list(names) if names is not None else [f"parameter {i}" for i in range(len(params))]
+    kind = type(optimizer).__name__
     lr0 = _scalar(optimizer.param_groups[0]["lr"])
     parts = []
     for name, p in zip(names, params):
         if id(p) not in group_of:
-            raise ValueError(f"{name} is not optimised by the {type(optimizer).__name__} passed as preconditioner")
+            raise ValueError(f"{name} is not optimised by the {kind} passed as preconditioner")
         g = optimizer.param_groups[group_of[id(p)]]
         st = optimizer.state.get(p, {})
-        if "square_avg" not in st or _scalar(st.get("step", 0)) < 1:
+        if state_key not in st or _scalar(st.get("step", 0)) < 1:
             raise ValueError(
-                f"the {type(optimizer).__name__} passed as preconditioner has taken no step yet (no square_avg "
-                f"for {name}); its preconditioner exists after the first optimizer.step()"
+                f"the {kind} passed as preconditioner has taken no step yet (no {state_key} for {name}); "
+                f"its preconditioner exists after the first optimizer.step()"
             )
-        v = st["square_avg"].detach().to(torch.float64).reshape(-1)
-        if g.get("centered", False):
-            v = v - st["grad_avg"].detach().to(torch.float64).reshape(-1) ** 2
-        P = torch.sqrt(v) + _scalar(g["eps"])
+        P = diagonal(g, st)
         lr = _scalar(g["lr"])
         if lr != lr0:
             if lr <= 0:
