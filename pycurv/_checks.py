@@ -7,6 +7,8 @@ import numbers
 
 import numpy as np
 
+from ._devices import array_device
+
 WHICH = ("LA", "SA", "BE")
 
 
@@ -138,8 +140,6 @@ def matvec_output(y, n: int, count: int) -> np.ndarray:
 
 def _not_on_device(what: str, x, fix: str) -> None:
     """A GPU array where the solver runs on the CPU: say so, and how to run on the GPU instead."""
-    from ._gpu import array_device
-
     dev = array_device(x)
     if dev is not None:
         raise TypeError(

@@ -24,11 +24,12 @@ process group's own timeout (``torch.distributed.init_process_group(timeout=...)
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 
-from .errors import PycurvError
+from ._comm import Communicator, PeerError, guard, shard_bounds
+from ._sharded import lanczos_sharded
 from .operators import Operator
 
 __all__ = [
@@ -42,41 +43,6 @@ __all__ = [
     "shard_bounds",
     "end_process_group",
 ]
-
-
-class PeerError(PycurvError, RuntimeError):
-    """Another rank failed; ``ranks`` lists the failed ranks and ``messages`` what they raised."""
-
-    def __init__(self, message: str, ranks=(), messages=()):
-        super().__init__(message)
-        self.ranks = list(ranks)
-        self.messages = list(messages)
-
-
-class Communicator:
-    """What the solver needs from a process group: sums, a flag, broadcasts, gathers."""
-
-    rank: int = 0
-    size: int = 1
-
-    def allreduce_sum(self, buf: np.ndarray) -> None:
-        """Sums a float64 buffer over ranks, in place."""
-        raise NotImplementedError
-
-    def allreduce_max(self, value: int) -> int:
-        raise NotImplementedError
-
-    def broadcast(self, buf: np.ndarray, root: int = 0) -> None:
-        """Overwrites a float64/int64 buffer with root's, in place."""
-        raise NotImplementedError
-
-    def allgather(self, local: np.ndarray, counts) -> np.ndarray:
-        """Concatenation over ranks of 1-D float64 pieces of the given lengths."""
-        raise NotImplementedError
-
-    def gather_messages(self, text: str) -> list:
-        """Every rank's string, on every rank (used only after a failure)."""
-        raise NotImplementedError
 
 
 _SETTLE_S = 10.0  # longest wait for a worker thread to let go of a finished collective's tensors
@@ -212,52 +178,6 @@ def end_process_group(group=None) -> None:
     dist.destroy_process_group(group)
 
 
-_SYNCED = "__pycurv_synchronized__"
-
-
-def guard(comm: Communicator, fn: Callable, *args, **kwargs):
-    """Runs ``fn`` on every rank; if it raises on any rank, every rank raises.
-
-    The failing rank re-raises its own exception; the others raise
-    :class:`PeerError` naming the failed ranks and their messages. Call it
-    around user code that is followed by a collective (an HVP before its
-    all-reduce, a matvec before the next reduction).
-    """
-    err: Optional[BaseException] = None
-    result = None
-    try:
-        result = fn(*args, **kwargs)
-    except BaseException as exc:  # noqa: BLE001 - re-raised below, on every rank
-        if getattr(exc, _SYNCED, False):
-            raise  # already seen by every rank
-        err = exc
-    if comm.allreduce_max(1 if err is not None else 0):
-        msgs = comm.gather_messages("" if err is None else f"{type(err).__name__}: {err}")
-        failed = [r for r, m in enumerate(msgs) if m]
-        if err is not None:
-            try:
-                setattr(err, _SYNCED, True)
-            except (AttributeError, TypeError):  # pragma: no cover - exceptions without a __dict__
-                pass
-            raise err
-        exc = PeerError(
-            f"rank {comm.rank} stopped because rank(s) {', '.join(map(str, failed))} failed: "
-            + "; ".join(f"[rank {r}] {msgs[r]}" for r in failed),
-            failed,
-            [msgs[r] for r in failed],
-        )
-        setattr(exc, _SYNCED, True)
-        raise exc
-    return result
-
-
-def shard_bounds(n: int, size: int, rank: int) -> tuple:
-    """Rows [lo, hi) of an n-vector held by ``rank`` when split as evenly as possible."""
-    base, extra = divmod(n, size)
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (1 if rank < extra else 0)
-
-
 class RowShardedOperator(Operator):
     """A symmetric matrix split by rows over ranks, for the sharded-basis layout.
 
@@ -313,103 +233,3 @@ class DataParallelOperator(Operator):
         y = np.ascontiguousarray(y)
         self.comm.allreduce_sum(y)
         return y
-
-
-def lanczos_sharded(matvec: Callable, bounds, k: int = 1, *, which: str = "LA", tol: float = 1e-6, ncv=None,
-                    max_matvecs=None, v0=None, seed=None, return_eigenvectors: bool = True, callback=None,
-                    check_multiplicity=None, exact: bool = False, dtype=None):
-    """Lanczos with the basis split into row shards held in one process (e.g. one per device).
-
-    ``bounds`` lists the shards' row ranges ``[(0, n1), (n1, n2), ...]`` covering
-    0..n. ``matvec(xs)`` takes the list of shards of x (float64, read-only) and
-    returns the list of shards of A x. One core state holds each shard; the
-    states are driven in lockstep and their partial dot products are summed in
-    shard order, exactly as ranks of a process group would through REDUCE. The
-    eigenvectors are returned whole (rows concatenated in shard order).
-    """
-    import time
-    import warnings
-
-    from . import _checks
-    from ._native import DONE, MATVEC, REDUCE, STEP, WHICH_CODE, core
-    from .errors import ConvergenceWarning
-    from .lanczos import _nonfinite, collect
-    from .operators import unit_roundoff
-    from .results import LanczosProgress
-
-    bounds = [(int(lo), int(hi)) for lo, hi in bounds]
-    if not bounds or bounds[0][0] != 0 or any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])) or any(
-            hi <= lo for lo, hi in bounds):
-        raise ValueError(f"bounds must be consecutive non-empty row ranges starting at 0, got {bounds}")
-    n = bounds[-1][1]
-    k = _checks.check_k(k, n)
-    which = _checks.check_which(which)
-    tol = _checks.check_tol(tol)
-    ncv = _checks.check_ncv(ncv, k, n)
-    max_matvecs = _checks.check_max_matvecs(max_matvecs, ncv, k)
-    v0 = None if v0 is None else _checks.check_v0(v0, n)
-    seed = _checks.check_seed(seed)
-    if check_multiplicity is None:
-        check_multiplicity = k >= 2
-    states = [core.LanczosState(
-        n_local=hi - lo, n_global=n, offset=lo, k=k, ncv=ncv, which=WHICH_CODE[which], tol=tol,
-        max_matvecs=max_matvecs, seed=seed, start_given=v0 is not None, check_multiplicity=bool(check_multiplicity),
-        explicit_residuals=not exact, want_vectors=bool(return_eigenvectors), yield_reduce=True,
-        unit_roundoff=unit_roundoff(dtype)) for lo, hi in bounds]
-    if v0 is not None:
-        for st, (lo, hi) in zip(states, bounds):
-            st.start_vector()[:] = v0[lo:hi]
-    t_start = time.perf_counter()
-    t_mv = t_core = 0.0
-    count = 0
-    ys = None
-    while True:
-        t0 = time.perf_counter()
-        try:
-            reqs = {int(st.advance()) for st in states}
-        except core.NonFiniteError:
-            raise _nonfinite(None if ys is None else np.concatenate(ys), count) from None
-        t_core += time.perf_counter() - t0
-        if len(reqs) != 1:  # pragma: no cover - identical reduced values give identical decisions
-            raise RuntimeError(f"the shards' Lanczos states diverged: {sorted(reqs)}")
-        req = reqs.pop()
-        if req == MATVEC:
-            xs = [st.matvec_input() for st in states]
-            count += 1
-            t0 = time.perf_counter()
-            ys = list(matvec(xs))
-            t_mv += time.perf_counter() - t0
-            if len(ys) != len(states):
-                raise ValueError(f"matvec call {count} returned {len(ys)} shards, expected {len(states)}")
-            for i, (st, y, (lo, hi)) in enumerate(zip(states, ys, bounds)):
-                y = _checks.matvec_output(y, hi - lo, count)
-                if dtype is None and count == 1:
-                    st.set_unit_roundoff(unit_roundoff(y.dtype))
-                ys[i] = y
-                st.set_matvec_output(y)
-        elif req == REDUCE:
-            bufs = [st.reduce_buffer() for st in states]
-            total = bufs[0].copy()
-            for b in bufs[1:]:
-                total += b
-            for b in bufs:
-                b[:] = total
-        elif req == STEP:
-            if callback is not None and callback(LanczosProgress(int(states[0].n_matvecs),
-                                                                  states[0].current_values(),
-                                                                  states[0].current_residuals())) is True:
-                for st in states:
-                    st.stop()
-        elif req == DONE:
-            break
-    timing = {"matvec": t_mv, "core": t_core, "total": time.perf_counter() - t_start}
-    res = collect(states[0], timing, which=which, tol=tol, ncv=ncv, seed=seed, max_matvecs=max_matvecs,
-                  want_vectors=False)
-    if return_eigenvectors:
-        import dataclasses
-
-        vecs = np.concatenate([np.asarray(st.eigenvectors()).T for st in states], axis=0)
-        res = dataclasses.replace(res, eigenvectors=vecs)
-    if not res.converged:
-        warnings.warn(res.message, ConvergenceWarning, stacklevel=2)
-    return res
