@@ -6,8 +6,9 @@
 value, threshold, margin, products and seconds, warns once when the margin
 first exceeds 1, writes CSV/JSON and plots the value against the threshold.
 
-:class:`TorchTracker` (also ``pycurv.torch.Tracker``) and :class:`JaxTracker`
-(``pycurv.jax.Tracker``) build the operator from the training loop's objects::
+This module knows no framework: ``pycurv.torch.Tracker`` and
+``pycurv.jax.Tracker`` subclass :class:`Tracker` and build the operator from
+the training loop's objects::
 
     tracker = pycurv.torch.Tracker(model, loss_fn, (x, y), optimizer, every=50)
     for step in range(1000):
@@ -27,13 +28,13 @@ import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 from ._progress import measure_top
 
-__all__ = ["Record", "Tracker", "TorchTracker", "JaxTracker", "MarginWarning", "operator_options"]
+__all__ = ["Record", "Tracker", "MarginWarning", "operator_options"]
 
 PRECONDITIONED = "preconditioned_sharpness"
 
@@ -225,130 +226,3 @@ class Tracker:
         if path is not None:
             fig.savefig(path, dpi=120)
         return fig
-
-
-class TorchTracker(Tracker):
-    """Tracks a PyTorch training loop: ``tracker.step(step)`` after each ``optimizer.step()``.
-
-    The threshold is read from the optimizer at each measurement: its current
-    learning rate, the one the next step will use (after ``scheduler.step()``)
-    (:func:`pycurv.stability.threshold_from_optimizer`), so learning-rate schedules
-    are followed; for Adam/AdamW/RMSprop the operator is preconditioned with the
-    optimizer's current state. ``hessian_kwargs`` go to :func:`pycurv.torch.hessian`
-    (``dtype``, ``mode``, ``microbatch_size``, ...). The determinism probe runs at
-    the first measurement only.
-    """
-
-    def __init__(self, model, loss_fn, data, optimizer, *, every: int = 100, tol: float = 1e-3, seed: int = 0,
-                 max_matvecs: Optional[int] = None, warn: bool = True, progress: Optional[bool] = None,
-                 group: int = 0, **hessian_kwargs):
-        super().__init__(every=every, tol=tol, seed=seed, max_matvecs=max_matvecs, warn=warn, progress=progress)
-        from .stability import threshold_from_optimizer
-
-        threshold_from_optimizer(optimizer, group=group)  # fails now, not at the first measurement
-        self.model, self.loss_fn, self.data, self.optimizer = model, loss_fn, data, optimizer
-        self.group = group
-        self.hessian_kwargs = hessian_kwargs
-        self._count = 0
-
-    def step(self, step: Optional[int] = None) -> Optional[Record]:
-        """Counts a training step (or takes the caller's ``step``) and measures if it is due."""
-        if step is None:
-            step = self._count
-        self._count = step + 1
-        return self.measure(step) if self.due(step) else None
-
-    def measure(self, step: int) -> Record:
-        """Measures now, whatever the step."""
-        from . import torch as pt
-        from .stability import threshold_from_optimizer
-
-        t0 = time.perf_counter()
-        thr = threshold_from_optimizer(self.optimizer, group=self.group)
-        kw = dict(operator_options(thr, self.optimizer))
-        kw.setdefault("check_determinism", not self.records)
-        kw.update(self.hessian_kwargs)
-        op = pt.hessian(self.model, self.loss_fn, self.data, **kw)
-        return self.record(op, thr, step, started=t0)
-
-
-class JaxTracker(Tracker):
-    """Tracks a JAX training loop: ``tracker.step(step, params, opt_state)``.
-
-    Parameters
-    ----------
-    loss_fn, data
-        As for :func:`pycurv.jax.hessian`.
-    optimizer : {"sgd", "adam", "adamw", "rmsprop"}
-        Which stability threshold applies (:func:`pycurv.stability.threshold`).
-        For Adam/AdamW the preconditioner is read from ``opt_state`` (optax).
-    lr : float or callable, optional
-        The learning rate, or a schedule ``lr(step)`` (an optax schedule works);
-        default: ``opt_state``'s ``hyperparams["learning_rate"]`` (``optax.inject_hyperparams``).
-    hyperparameters : dict, optional
-        The optimizer's (``momentum``, ``beta1``, ``beta2``, ``eps``, ``weight_decay``, ...);
-        Adam's b1, b2, eps are read from ``inject_hyperparams`` state when not given.
-    """
-
-    def __init__(self, loss_fn, data, *, optimizer: str = "sgd", lr: Union[None, float, Callable] = None,
-                 hyperparameters: Optional[Dict[str, Any]] = None, every: int = 100, tol: float = 1e-3,
-                 seed: int = 0, max_matvecs: Optional[int] = None, warn: bool = True,
-                 progress: Optional[bool] = None, **hessian_kwargs):
-        super().__init__(every=every, tol=tol, seed=seed, max_matvecs=max_matvecs, warn=warn, progress=progress)
-        from .stability import threshold
-
-        self.optimizer = str(optimizer).lower()
-        self.hyperparameters = dict(hyperparameters or {})
-        threshold(self.optimizer, 1.0, **self.hyperparameters)  # validates names now
-        if self.optimizer == "rmsprop":
-            raise ValueError("JaxTracker supports optimizer='sgd', 'adam' or 'adamw'; for RMSprop build the "
-                             "operator with pycurv.jax.hessian(preconditioner=sqrt(nu) + eps) and use Tracker.record")
-        self.lr = lr
-        self.loss_fn, self.data = loss_fn, data
-        self.hessian_kwargs = hessian_kwargs
-
-    def _lr(self, step: int, opt_state) -> float:
-        if callable(self.lr):
-            return float(np.asarray(self.lr(step)))
-        if self.lr is not None:
-            return float(self.lr)
-        if opt_state is not None:
-            from .jax import find_hyperparams
-
-            hp = find_hyperparams(opt_state)
-            if hp is not None and "learning_rate" in hp:
-                return float(np.asarray(hp["learning_rate"]))
-        raise ValueError("JaxTracker needs the learning rate: pass lr= (a number or a schedule), or build the "
-                         "optimizer with optax.inject_hyperparams so that opt_state records it")
-
-    def step(self, step: int, params, opt_state=None) -> Optional[Record]:
-        """Measures at ``params`` (and ``opt_state``) if ``step`` is due."""
-        return self.measure(step, params, opt_state) if self.due(step) else None
-
-    def measure(self, step: int, params, opt_state=None) -> Record:
-        from . import jax as pj
-        from .stability import threshold
-
-        t0 = time.perf_counter()
-        hp = dict(self.hyperparameters)
-        kw = dict(self.hessian_kwargs)
-        kw.setdefault("check_determinism", not self.records)
-        if self.optimizer in ("adam", "adamw"):
-            if opt_state is None:
-                raise ValueError(f"optimizer={self.optimizer!r}: pass opt_state to step() (the preconditioner "
-                                 "is read from it)")
-            found = pj.find_hyperparams(opt_state) or {}
-            for ours, theirs in (("beta1", "b1"), ("beta2", "b2"), ("eps", "eps")):
-                if ours not in hp and theirs in found:
-                    hp[ours] = float(np.asarray(found[theirs]))
-            if "beta1" not in hp or "beta2" not in hp or "eps" not in hp:
-                raise ValueError("JaxTracker with Adam needs beta1, beta2 and eps: pass hyperparameters="
-                                 "{'beta1': 0.9, 'beta2': 0.999, 'eps': 1e-8} (your values), or use "
-                                 "optax.inject_hyperparams")
-            kw.setdefault("preconditioner", pj.adam_preconditioner(opt_state, b1=hp["beta1"], b2=hp["beta2"],
-                                                                   eps=hp["eps"]))
-        thr = threshold(self.optimizer, self._lr(step, opt_state), **hp)
-        for key, value in operator_options(thr).items():
-            kw.setdefault(key, value)
-        op = pj.hessian(self.loss_fn, params, self.data, **kw)
-        return self.record(op, thr, step, started=t0)

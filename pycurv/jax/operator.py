@@ -1,19 +1,7 @@
-"""Hessians of JAX losses as pycurv operators.
+"""The Hessian of a JAX loss as a pycurv operator: :class:`HessianOperator`.
 
-``hessian(loss_fn, params, data)`` returns an operator whose ``matvec`` is the
-Hessian-vector product of ``loss_fn(params, batch)`` (mean over all samples of
-``data``) with respect to the raveled parameters, for :func:`pycurv.lanczos`
-and :func:`pycurv.sharpness`::
-
-    import pycurv, pycurv.jax
-    H = pycurv.jax.hessian(loss_fn, params, (x, y))
-    lam1 = pycurv.sharpness(H, tol=1e-4, seed=0)
-
-Each product is ``jax.jit(jax.jvp(jax.grad(f)))`` (forward-over-reverse) of
-``f(flat) = loss_fn(unravel(flat), batch)`` with ``jax.flatten_util.ravel_pytree``;
-``params`` may be any pytree of floating-point arrays. Products run on the
-parameters' device in their dtype (float32 without ``jax_enable_x64``), or in
-``dtype=`` when asked; only the float64 Lanczos vector crosses to the host.
+Products are jitted ``jax.jvp(jax.grad(f))`` of the loss over the raveled
+parameter vector, compiled once per loss function and parameter layout.
 """
 
 from __future__ import annotations
@@ -23,20 +11,17 @@ import numbers
 import weakref
 from typing import Any, Callable, Iterator, Optional, Tuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
-from ._optional import require
+from .. import _adapter
+from .._adapter import HVPOperator
+from .._comm import shard_bounds
+from .preconditioners import _preconditioner_diagonal
 
-jax = require("jax", "pycurv.jax")
-
-import jax.numpy as jnp  # noqa: E402
-from jax.flatten_util import ravel_pytree  # noqa: E402
-
-from . import _adapter  # noqa: E402
-from ._adapter import HVPOperator  # noqa: E402
-
-__all__ = ["hessian", "sharpness", "HessianOperator", "adam_preconditioner", "find_adam_state", "find_hyperparams",
-           "Tracker"]
+__all__ = ["HessianOperator"]
 
 
 def _x64() -> bool:
@@ -149,8 +134,6 @@ class HessianOperator(HVPOperator):
         self._jax_device = dev
         self.device = f"{dev.platform}:{dev.id}"
         if shard_basis:
-            from .distributed import shard_bounds
-
             ndev = int(mesh.devices.size)
             self.shard_bounds = [shard_bounds(n, ndev, i) for i in range(ndev)]
         self._loss_fn = loss_fn
@@ -327,7 +310,6 @@ class HessianOperator(HVPOperator):
         return f"<pycurv.jax.HessianOperator {kind} n={self.shape[0]} dtype={self.dtype} device={self.device} hvps={self.n_hvps}>"
 
 
-# ---------------------------------------------------------------------------
 # compiled products, shared by operators with the same loss and parameter layout
 
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -366,201 +348,3 @@ def _compiled(loss_fn, params, dtype, jit: bool):
     wrap = jax.jit if jit else (lambda f: f)
     per_fn[key] = fns = (wrap(batch_loss), wrap(batch_hvp), wrap(batch_grad))
     return fns
-
-
-# ---------------------------------------------------------------------------
-# optax Adam state
-
-
-def find_adam_state(opt_state):
-    """The first node of an optax state with ``nu`` and ``count`` (``ScaleByAdamState``), and its hyper-parameters.
-
-    Searches tuples, lists, dicts and ``inner_state`` fields (``optax.chain``,
-    ``optax.inject_hyperparams``, ``optax.MultiSteps``). Returns
-    ``(state, hyperparams)``, ``hyperparams`` the dict recorded by
-    ``optax.inject_hyperparams`` or None.
-    """
-
-    def search(node, hp):
-        if hasattr(node, "nu") and hasattr(node, "count"):
-            return node, hp
-        if hasattr(node, "hyperparams") and isinstance(getattr(node, "hyperparams"), dict):
-            hp = dict(node.hyperparams)
-        children = []
-        if hasattr(node, "inner_state"):
-            children.append(node.inner_state)
-        if isinstance(node, dict):
-            children.extend(node.values())
-        elif isinstance(node, (tuple, list)):
-            children.extend(node)
-        for c in children:
-            found = search(c, hp)
-            if found is not None:
-                return found
-        return None
-
-    found = search(opt_state, None)
-    if found is None:
-        raise TypeError(
-            f"no Adam state (a node with fields 'nu' and 'count', e.g. optax.ScaleByAdamState) in the "
-            f"{type(opt_state).__name__} passed as preconditioner"
-        )
-    return found
-
-
-def find_hyperparams(opt_state) -> Optional[dict]:
-    """The ``hyperparams`` dict that ``optax.inject_hyperparams`` keeps in its state, or None."""
-    if hasattr(opt_state, "hyperparams") and isinstance(getattr(opt_state, "hyperparams"), dict):
-        return dict(opt_state.hyperparams)
-    children = []
-    if hasattr(opt_state, "inner_state"):
-        children.append(opt_state.inner_state)
-    if isinstance(opt_state, dict):
-        children.extend(opt_state.values())
-    elif isinstance(opt_state, (tuple, list)):
-        children.extend(opt_state)
-    for c in children:
-        found = find_hyperparams(c)
-        if found is not None:
-            return found
-    return None
-
-
-def adam_preconditioner(opt_state, *, b1: Optional[float] = None, b2: Optional[float] = None,
-                        eps: Optional[float] = None, eps_root: Optional[float] = None):
-    """Adam's preconditioner P = (1 - b1^t) * (sqrt(nu / (1 - b2^t) + eps_root) + eps), flat.
-
-    ``nu`` and ``count`` (= t) are read from the optax state (``optax.adam``,
-    ``optax.adamw``, also inside ``optax.chain`` / ``inject_hyperparams``); b1, b2,
-    eps and eps_root from ``inject_hyperparams`` when it recorded them, otherwise
-    they must be given (optax's state does not store them). Flattened in
-    ``ravel_pytree`` order, matching :func:`hessian`'s vector when ``nu`` has the
-    structure of ``params``. Compare the top eigenvalue of P^{-1/2} H P^{-1/2} with
-    (2 + 2 b1) / ((1 - b1) lr) = 38 / lr at b1 = 0.9 (Cohen et al. 2022).
-    """
-    state, hp = find_adam_state(opt_state)
-    hp = hp or {}
-    values = {}
-    for name, given in (("b1", b1), ("b2", b2), ("eps", eps), ("eps_root", eps_root)):
-        if given is not None:
-            values[name] = float(given)
-        elif name in hp:
-            values[name] = float(np.asarray(hp[name]))
-        elif name == "eps_root":
-            values[name] = 0.0
-        else:
-            raise ValueError(
-                f"the optax state does not record Adam's {name}; pass it: "
-                "pycurv.jax.adam_preconditioner(opt_state, b1=0.9, b2=0.999, eps=1e-8) (your values), "
-                "or build the optimizer with optax.inject_hyperparams"
-            )
-    t = int(np.asarray(state.count))
-    if t < 1:
-        raise ValueError("the optax Adam state has count=0: the optimizer has taken no step yet; Adam's "
-                         "preconditioner exists after the first update")
-    nu, _ = ravel_pytree(state.nu)
-    b1_, b2_ = values["b1"], values["b2"]
-    v_hat = nu / (1.0 - b2_**t)
-    return (1.0 - b1_**t) * (jnp.sqrt(v_hat + values["eps_root"]) + values["eps"])
-
-
-def _preconditioner_diagonal(pre, params, n: int):
-    if isinstance(pre, (np.ndarray, jax.Array)):
-        P = jnp.asarray(pre).reshape(-1)
-    else:
-        state, _ = find_adam_state(pre)
-        if jax.tree_util.tree_structure(state.nu) != jax.tree_util.tree_structure(params):
-            raise ValueError("the Adam state's nu does not have the structure of params; pass the state of "
-                             "the optimizer that trains these params")
-        P = adam_preconditioner(pre)
-    if P.shape != (n,):
-        raise ValueError(f"preconditioner diagonal must have {n} entries (one per parameter), got {P.shape[0]}")
-    ok = np.isfinite(np.asarray(P)) & (np.asarray(P) > 0)
-    if not ok.all():
-        raise ValueError(f"the preconditioner diagonal must be finite and > 0; {int((~ok).sum())} entries are not")
-    return P
-
-
-# ---------------------------------------------------------------------------
-# public functions
-
-
-def hessian(
-    loss_fn: Callable,
-    params,
-    data,
-    *,
-    preconditioner=None,
-    dtype=None,
-    reduction: str = "mean",
-    check_determinism: bool = True,
-    probe_rtol: Optional[float] = None,
-    l2: float = 0.0,
-    jit: bool = True,
-    mesh=None,
-    data_axis: Optional[str] = None,
-    shard_basis: bool = False,
-) -> HessianOperator:
-    """The Hessian of ``loss_fn`` over ``data`` at ``params``, as a pycurv operator.
-
-    Parameters
-    ----------
-    loss_fn : callable
-        ``loss_fn(params, batch) -> scalar``, the mean over the batch
-        (``reduction="mean"``) or the sum (``reduction="sum"``).
-    params : pytree of floating-point arrays
-        Where the Hessian is taken; the flat vector is ``ravel_pytree(params)``.
-    data : batch or list of batches
-        A batch is any pytree ``loss_fn`` accepts (a tuple ``(x, y)``, a dict, an
-        array); several batches are a list (or another re-iterable that is not a
-        pytree). The loss is the mean over all samples, batches weighted by their
-        leading dimension.
-    preconditioner : optax state, or 1-D array, optional
-        Gives P^{-1/2} H P^{-1/2}: from an optax Adam state built with
-        ``optax.inject_hyperparams`` (else use :func:`adam_preconditioner` with
-        b1, b2, eps), or the diagonal of P.
-    dtype : str or dtype, optional
-        Arithmetic of the products; default the parameters' dtype. ``"float64"``
-        needs ``jax_enable_x64``.
-    reduction : {"mean", "sum"}
-        What ``loss_fn`` does over a batch.
-    check_determinism : bool
-        Computes the first product twice and raises
-        :class:`pycurv.NonDeterministicOperatorError` if they differ.
-    l2 : float
-        Adds ``l2 * v``.
-    jit : bool
-        ``jax.jit`` the per-batch products (default).
-    mesh : jax.sharding.Mesh, optional
-        Data parallelism over several devices: each batch is split along its
-        leading dimension over ``data_axis`` of the mesh (batch sizes must divide
-        evenly), the parameters are replicated, and the jitted products combine
-        the devices' partial sums themselves.
-    data_axis : str, optional
-        The mesh axis the samples are split over (default: the mesh's first axis).
-    shard_basis : bool
-        With ``mesh``: split the Lanczos basis into one row shard per device of
-        the mesh (``shard_bounds``); :func:`pycurv.lanczos` then drives one core
-        state per shard and sums their dot products, as ranks of a process group
-        would. Same eigenvalues as the replicated basis.
-    """
-    return HessianOperator(loss_fn, params, data, preconditioner=preconditioner, dtype=dtype, reduction=reduction,
-                           check_determinism=check_determinism, probe_rtol=probe_rtol, l2=l2, jit=jit, mesh=mesh,
-                           data_axis=data_axis, shard_basis=shard_basis)
-
-
-def sharpness(loss_fn: Callable, params, data, *, tol: Optional[float] = None, seed: int = 0, v0=None,
-              max_matvecs: Optional[int] = None, progress: Optional[bool] = None, **hessian_kwargs) -> float:
-    """The largest algebraic eigenvalue of :func:`hessian` (``tol`` defaults to what its dtype can reach)."""
-    from ._progress import measure_top
-
-    op = hessian(loss_fn, params, data, **hessian_kwargs)
-    res = measure_top(op, tol=tol, seed=seed, v0=v0, max_matvecs=max_matvecs, progress=progress)
-    if not res.converged:
-        from .errors import NoConvergence
-
-        raise NoConvergence(res.message, result=res)
-    return float(res.eigenvalues[0])
-
-
-from .track import JaxTracker as Tracker  # noqa: E402

@@ -1,24 +1,8 @@
-"""Hessians of PyTorch losses as pycurv operators.
+"""The Hessian of a PyTorch loss as a pycurv operator: :class:`HessianOperator`.
 
-``hessian(model, loss_fn, data)`` returns an operator whose ``matvec`` is the
-Hessian-vector product of the mean loss over ``data`` with respect to the
-model's trainable parameters, for :func:`pycurv.lanczos` and
-:func:`pycurv.sharpness`::
-
-    import pycurv, pycurv.torch
-    H = pycurv.torch.hessian(model, torch.nn.functional.cross_entropy, (x, y))
-    lam1 = pycurv.sharpness(H, tol=1e-6, seed=0)
-
-Products are forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``
-through ``torch.func.functional_call``), falling back to reverse-over-reverse
-(double backward) where an operation has no forward-mode derivative. They run
-on the model's device, in the model's dtype unless ``dtype=`` says otherwise;
-only the float64 Lanczos vector crosses to the host.
-
-The model, its buffers and any optimizer passed are never modified: the
-products use a copy of the parameters and buffers taken when the operator is
-built, and a structural copy of the module whose training flags are set by
-``mode`` (the parameter tensors are shared with it, not copied twice).
+The products use a snapshot of the parameters and buffers taken when the
+operator is built and a structural copy of the module whose training flags are
+set by ``mode``; the user's model, buffers and optimizer are never written.
 """
 
 from __future__ import annotations
@@ -30,24 +14,15 @@ import warnings
 from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
-from ._optional import require
+from .. import _adapter
+from .._adapter import HVPOperator
+from ..distributed import TorchCommunicator, guard, shard_bounds
+from ._data import _call_args, _is_pair, _leading, _map, _split
+from .preconditioners import _preconditioner_diagonal
 
-torch = require("torch", "pycurv.torch")
-
-from . import _adapter  # noqa: E402
-from ._adapter import HVPOperator  # noqa: E402
-
-__all__ = [
-    "hessian",
-    "sharpness",
-    "stability_report",
-    "HessianOperator",
-    "ParameterLayout",
-    "adam_preconditioner",
-    "rmsprop_preconditioner",
-    "Tracker",
-]
+__all__ = ["HessianOperator", "ParameterLayout"]
 
 _HVP_METHODS = ("auto", "forward", "reverse")
 _DTYPES = {
@@ -117,65 +92,6 @@ def _resolve_dtype(dtype, model_dtype):
     if name not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)} (or None: the model's dtype), got dtype={dtype!r}")
     return _DTYPES[name]
-
-
-# ---------------------------------------------------------------------------
-# data
-
-
-def _is_tensor_like(x) -> bool:
-    return isinstance(x, torch.Tensor) or isinstance(x, dict)
-
-
-def _is_pair(data) -> bool:
-    """An ``(inputs, targets)`` pair: a 2-tuple/list whose first item is a tensor or a dict of inputs."""
-    return isinstance(data, (tuple, list)) and len(data) == 2 and _is_tensor_like(data[0])
-
-
-def _map(x, fn):
-    """Applies fn to every tensor in a nested tuple/list/dict."""
-    if isinstance(x, torch.Tensor):
-        return fn(x)
-    if isinstance(x, dict):
-        return {k: _map(v, fn) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_map(v, fn) for v in x)
-    return x
-
-
-def _leading(x) -> Optional[int]:
-    if isinstance(x, torch.Tensor):
-        return int(x.shape[0]) if x.dim() > 0 else None
-    if isinstance(x, dict):
-        x = list(x.values())
-    if isinstance(x, (tuple, list)):
-        for v in x:
-            n = _leading(v)
-            if n is not None:
-                return n
-    return None
-
-
-def _split(x, size: int):
-    """Splits every tensor of a nested structure along dim 0 into chunks of ``size``."""
-    n = _leading(x)
-    if n is None:
-        return [x]
-    starts = range(0, n, size)
-    return [_map(x, lambda t, s=s: t[s:s + size] if t.dim() > 0 and t.shape[0] == n else t) for s in starts]
-
-
-def _call_args(inputs):
-    """How inputs are passed to the model: a tensor as one argument, a dict as keywords."""
-    if isinstance(inputs, dict):
-        return (), inputs
-    if isinstance(inputs, (tuple, list)):
-        return tuple(inputs), {}
-    return (inputs,), {}
-
-
-# ---------------------------------------------------------------------------
-# the operator
 
 
 class HessianOperator(HVPOperator):
@@ -310,8 +226,6 @@ class HessianOperator(HVPOperator):
         With ``shard_basis`` this rank also holds only rows [offset, offset + n_local)
         of every Lanczos vector.
         """
-        from .distributed import TorchCommunicator, shard_bounds
-
         dist = torch.distributed
         backend = dist.get_backend(group)
         self.comm = TorchCommunicator(group if group is not dist.group.WORLD else None,
@@ -344,8 +258,6 @@ class HessianOperator(HVPOperator):
         """``A @ x`` for a float64 NumPy vector; with a sharded basis, x and the result are this rank's rows."""
         if getattr(self, "n_local", None) is None:
             return super().matvec(x)
-        from .distributed import guard
-
         v = self._gather(guard(self.comm, self._from_numpy, x))
         y = self._product(v)
         return self._to_numpy(y[self.offset: self.offset + self.n_local])
@@ -521,8 +433,6 @@ class HessianOperator(HVPOperator):
         """H v (no preconditioning) for a flat tensor on the device in the HVP dtype."""
         tangents = self._unflatten(v)
         if self.comm is not None:
-            from .distributed import guard
-
             total, count = guard(self.comm, self._local_pass, tangents)
         else:
             total, count = self._local_pass(tangents)
@@ -689,291 +599,3 @@ def _structural_copy(model, mode: str):
             m.train(True)
             m.track_running_stats = False
     return module
-
-
-# ---------------------------------------------------------------------------
-# preconditioners
-
-
-def _scalar(x) -> float:
-    return float(x.item() if isinstance(x, torch.Tensor) else x)
-
-
-def _is_adam_like(opt) -> bool:
-    return (hasattr(opt, "param_groups") and hasattr(opt, "state")
-            and all("betas" in g and "eps" in g for g in opt.param_groups))
-
-
-def adam_preconditioner(optimizer, params: Optional[Sequence] = None, *, names: Optional[Sequence[str]] = None):
-    """Adam's preconditioner P = (1 - beta1^t) * (sqrt(v_hat) + eps), flat, float64.
-
-    v_hat = exp_avg_sq / (1 - beta2^t) (``max_exp_avg_sq`` with ``amsgrad=True``),
-    t the optimizer's step count: Adam's update is then theta -= lr * P^{-1} m with
-    m the first-moment EMA, so the preconditioned Hessian P^{-1/2} H P^{-1/2} is
-    stable below (2 + 2 beta1) / ((1 - beta1) lr) = 38 / lr at beta1 = 0.9
-    (Kalra & Barkeshli 2024, eq. 6; Cohen et al. 2022). Parameters in groups
-    whose ``lr`` differs from group 0's are scaled by lr_0 / lr_g, so that group
-    0's threshold applies to the whole operator.
-
-    Parameters
-    ----------
-    optimizer : torch.optim.Adam or torch.optim.AdamW (or an optimizer with the same state)
-    params : sequence of tensors, optional
-        The parameters, in the order of the flat vector (default: every
-        parameter of the optimizer, in group order).
-    names : sequence of str, optional
-        Names of ``params`` for error messages.
-
-    Returns
-    -------
-    torch.Tensor
-        The diagonal of P, float64, on the parameters' device.
-    """
-    if not _is_adam_like(optimizer):
-        raise TypeError(
-            f"preconditioner must be a torch.optim.Adam, AdamW or RMSprop, or a 1-D tensor holding the "
-            f"diagonal of P; got {type(optimizer).__name__}"
-        )
-    beta1_0 = _scalar(optimizer.param_groups[0]["betas"][0])
-
-    def diagonal(g, st):
-        b1, b2 = (_scalar(b) for b in g["betas"])
-        if b1 != beta1_0:
-            raise ValueError(
-                f"parameter groups have different beta1 ({beta1_0} and {b1}); one threshold "
-                "(2 + 2 beta1) / ((1 - beta1) lr) cannot cover them"
-            )
-        t = _scalar(st["step"])
-        v = st["max_exp_avg_sq"] if g.get("amsgrad", False) else st["exp_avg_sq"]
-        v_hat = v.detach().to(torch.float64).reshape(-1) / (1.0 - b2**t)
-        return (1.0 - b1**t) * (torch.sqrt(v_hat) + _scalar(g["eps"]))
-
-    return _per_parameter_diagonal(optimizer, params, names, "exp_avg_sq", diagonal)
-
-
-def _is_rmsprop_like(opt) -> bool:
-    return (hasattr(opt, "param_groups") and hasattr(opt, "state")
-            and all("alpha" in g and "eps" in g for g in opt.param_groups))
-
-
-def rmsprop_preconditioner(optimizer, params: Optional[Sequence] = None, *, names: Optional[Sequence[str]] = None):
-    """RMSprop's preconditioner P = sqrt(v) + eps (v - g_avg^2 with ``centered=True``), flat, float64.
-
-    PyTorch's RMSprop divides the gradient by P without bias correction; its
-    stability bound is on λ1(P^{-1/2} H P^{-1/2}) (see :mod:`pycurv.stability`).
-    Groups with another ``lr`` than group 0's are rescaled as in :func:`adam_preconditioner`.
-    """
-    if not _is_rmsprop_like(optimizer):
-        raise TypeError(f"expected a torch.optim.RMSprop (param_groups with 'alpha' and 'eps'), got {type(optimizer).__name__}")
-
-    def diagonal(g, st):
-        v = st["square_avg"].detach().to(torch.float64).reshape(-1)
-        if g.get("centered", False):
-            v = v - st["grad_avg"].detach().to(torch.float64).reshape(-1) ** 2
-        return torch.sqrt(v) + _scalar(g["eps"])
-
-    return _per_parameter_diagonal(optimizer, params, names, "square_avg", diagonal)
-
-
-def _per_parameter_diagonal(optimizer, params, names, state_key: str, diagonal: Callable):
-    """Concatenates diagonal(group, state) over params (default: every optimised
-    parameter, in group order), each scaled by lr_0 / lr of its group."""
-    group_of = {id(p): gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]}
-    if params is None:
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-    params = list(params)
-    names = list(names) if names is not None else [f"parameter {i}" for i in range(len(params))]
-    kind = type(optimizer).__name__
-    lr0 = _scalar(optimizer.param_groups[0]["lr"])
-    parts = []
-    for name, p in zip(names, params):
-        if id(p) not in group_of:
-            raise ValueError(f"{name} is not optimised by the {kind} passed as preconditioner")
-        g = optimizer.param_groups[group_of[id(p)]]
-        st = optimizer.state.get(p, {})
-        if state_key not in st or _scalar(st.get("step", 0)) < 1:
-            raise ValueError(
-                f"the {kind} passed as preconditioner has taken no step yet (no {state_key} for {name}); "
-                f"its preconditioner exists after the first optimizer.step()"
-            )
-        P = diagonal(g, st)
-        lr = _scalar(g["lr"])
-        if lr != lr0:
-            if lr <= 0:
-                raise ValueError(f"parameter group of {name} has lr={lr}; the preconditioned operator needs lr > 0")
-            P = P * (lr0 / lr)
-        parts.append(P)
-    return torch.cat(parts)
-
-
-def _preconditioner_diagonal(pre, chosen, layout: ParameterLayout, device):
-    if isinstance(pre, (torch.Tensor, np.ndarray)):
-        P = torch.as_tensor(pre).to(device=device, dtype=torch.float64).reshape(-1)
-        if P.numel() != layout.n:
-            raise ValueError(f"preconditioner diagonal must have {layout.n} entries (one per parameter), got {P.numel()}")
-    elif _is_rmsprop_like(pre) and not _is_adam_like(pre):
-        P = rmsprop_preconditioner(pre, [p for _, p in chosen], names=[k for k, _ in chosen]).to(device)
-    else:
-        P = adam_preconditioner(pre, [p for _, p in chosen], names=[k for k, _ in chosen]).to(device)
-    if not bool(torch.all(torch.isfinite(P))) or not bool(torch.all(P > 0)):
-        bad = int(torch.count_nonzero(~(torch.isfinite(P) & (P > 0))))
-        raise ValueError(f"the preconditioner diagonal must be finite and > 0; {bad} entries are not (is eps = 0?)")
-    return P
-
-
-# ---------------------------------------------------------------------------
-# public functions
-
-
-def hessian(
-    model,
-    loss_fn: Callable,
-    data,
-    *,
-    preconditioner=None,
-    dtype=None,
-    mode: str = "eval",
-    seed: Optional[int] = None,
-    microbatch_size: Optional[int] = None,
-    reduction: str = "mean",
-    hvp: str = "auto",
-    check_determinism: bool = True,
-    probe_rtol: Optional[float] = None,
-    l2: float = 0.0,
-    params: Optional[Sequence[str]] = None,
-    device=None,
-    distributed: Optional[bool] = None,
-    process_group=None,
-    shard_basis: bool = False,
-) -> HessianOperator:
-    """The Hessian of ``loss_fn`` over ``data`` at ``model``'s parameters, as a pycurv operator.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        Called as ``model(inputs)`` (``model(*inputs)`` for a tuple, ``model(**inputs)``
-        for a dict). Never modified.
-    loss_fn : callable
-        ``loss_fn(outputs, targets) -> scalar tensor``, the mean over the batch
-        (``reduction="mean"``, e.g. ``torch.nn.functional.cross_entropy``) or the sum
-        (``reduction="sum"``).
-    data : (inputs, targets) or iterable of (inputs, targets)
-        One batch, or several (a list, a DataLoader; not a one-shot generator).
-        A single batch is a 2-tuple/list whose first item is a tensor or a dict.
-        The loss is the mean over *all samples*: batches are weighted by their
-        size. Batches are moved to the model's device one at a time, so data
-        larger than device memory works.
-    preconditioner : torch.optim.Adam / AdamW / RMSprop, or 1-D tensor, optional
-        Gives the symmetric P^{-1/2} H P^{-1/2} instead of H: from the optimizer's
-        state (see :func:`adam_preconditioner`, :func:`rmsprop_preconditioner`) or
-        the diagonal of P given directly. For Adam compare its top eigenvalue with
-        (2 + 2 beta1) / ((1 - beta1) lr).
-    dtype : torch.dtype or str, optional
-        Arithmetic of the products; default the model's dtype. ``"float64"``
-        casts a copy of the parameters, buffers and floating-point data.
-    mode : {"eval", "batch_stats", "train"}
-        ``"eval"`` (default): every layer in eval mode (dropout off, batch norm
-        uses running statistics). ``"batch_stats"``: normalisation layers use
-        each batch's statistics, the rest in eval mode. ``"train"``: every layer
-        in training mode, dropout on. Running statistics are never updated.
-    seed : int, optional
-        With ``mode="train"``, draws the same dropout masks in every product
-        (seed + batch index; the global RNG is restored afterwards). Without it
-        dropout makes each product different and the determinism probe raises.
-    microbatch_size : int, optional
-        Splits each batch into chunks of this many samples (less memory; with
-        batch statistics, each chunk normalises by its own statistics).
-    reduction : {"mean", "sum"}
-        What ``loss_fn`` does over a batch; either way the operator is the
-        Hessian of the mean loss over all samples.
-    hvp : {"auto", "forward", "reverse"}
-        ``"auto"`` tries forward-over-reverse on the first product and falls back
-        to reverse-over-reverse if an operation lacks forward-mode support
-        (e.g. ``F.mse_loss``, pytorch#123996); ``hvp_method`` records the choice.
-    check_determinism : bool
-        Computes the first product twice and raises
-        :class:`pycurv.NonDeterministicOperatorError` if the two differ by more
-        than ``probe_rtol`` (default 1000 unit roundoffs of ``dtype``). Costs
-        one extra product. :meth:`HessianOperator.check_determinism` runs it on demand.
-    l2 : float
-        Adds ``l2 * v`` (the Hessian of ``l2/2 * ||theta||^2``; torch's coupled
-        ``weight_decay``).
-    params : sequence of str, optional
-        Names of the parameters to differentiate (default: all with ``requires_grad``).
-    device : torch.device or str, optional
-        Where the products run (default: the parameters' device).
-    distributed : bool, optional
-        Data parallelism over ``torch.distributed`` (default group, or
-        ``process_group``): each rank passes *its shard* of the data; the products
-        are summed over ranks on the device (gloo on CPU, NCCL on GPU), so every
-        rank gets the Hessian of the mean loss over the union of the shards and
-        :func:`pycurv.lanczos` takes identical steps everywhere (rank 0's seed and
-        ``v0``). Default: on for a model wrapped in ``DistributedDataParallel``
-        (its process group), off otherwise. A rank whose product raises makes
-        every rank raise (:class:`pycurv.distributed.PeerError` on the others).
-    process_group : torch.distributed.ProcessGroup, optional
-        The group for ``distributed`` (implies ``distributed=True``).
-    shard_basis : bool
-        Each rank holds only its rows of every Lanczos vector (an even split of
-        the flat parameter vector): basis memory 8 (n / ranks) (ncv + 1) bytes per
-        rank instead of 8 n (ncv + 1); dot products are summed through the
-        core's REDUCE requests, and ``matvec`` gathers the whole vector for each
-        product. The eigenvectors returned are this rank's rows.
-
-    Returns
-    -------
-    HessianOperator
-        ``shape == (n, n)``, ``dtype`` the products' arithmetic, ``exact=False``.
-        Memory: one copy of the parameters and buffers, plus the products' own.
-    """
-    return HessianOperator(model, loss_fn, data, preconditioner=preconditioner, dtype=dtype, mode=mode, seed=seed,
-                           microbatch_size=microbatch_size, reduction=reduction, hvp=hvp,
-                           check_determinism=check_determinism, probe_rtol=probe_rtol, l2=l2, params=params,
-                           device=device, distributed=distributed, process_group=process_group,
-                           shard_basis=shard_basis)
-
-
-def sharpness(model, loss_fn: Callable, data, *, tol: Optional[float] = None, seed: int = 0, v0=None,
-              max_matvecs: Optional[int] = None, progress: Optional[bool] = None, **hessian_kwargs) -> float:
-    """The largest algebraic eigenvalue of :func:`hessian` (``preconditioner=`` for Adam's).
-
-    ``tol`` defaults to what the products' dtype can reach (1e-6 in float64,
-    2.4e-4 in float32). Raises :class:`pycurv.NoConvergence` if it is not met.
-    ``progress`` shows a progress line on stderr (default: when stderr is a terminal).
-    """
-    from ._progress import measure_top
-
-    op = hessian(model, loss_fn, data, **hessian_kwargs)
-    res = measure_top(op, tol=tol, seed=seed, v0=v0, max_matvecs=max_matvecs, progress=progress)
-    if not res.converged:
-        from .errors import NoConvergence
-
-        raise NoConvergence(res.message, result=res)
-    return float(res.eigenvalues[0])
-
-
-def stability_report(model, loss_fn: Callable, data, optimizer, *, tol: Optional[float] = None, seed: int = 0,
-                     progress: Optional[bool] = None, group: int = 0, **hessian_kwargs):
-    """Sharpness against ``optimizer``'s stability threshold, in one call.
-
-    For Adam/AdamW and RMSprop the preconditioned sharpness (the optimizer is
-    the preconditioner; their coupled ``weight_decay`` is added to H) is compared
-    with their threshold, e.g. (2 + 2 beta1) / ((1 - beta1) lr) for Adam; for SGD
-    (with or without momentum) the sharpness (see :mod:`pycurv.stability`). Returns a
-    :class:`pycurv.stability.MarginReport` (``value``, ``threshold``, ``margin``,
-    ``stable``, ``quantity``); its ``text`` reads like ``"λ1 = 19.7 is at 0.99 of 2/η = 20"``.
-    """
-    from .stability import margin_report, threshold_from_optimizer
-    from ._progress import measure_top
-
-    from .track import operator_options
-
-    thr = threshold_from_optimizer(optimizer, group=group)
-    for key, value in operator_options(thr, optimizer).items():
-        hessian_kwargs.setdefault(key, value)
-    op = hessian(model, loss_fn, data, **hessian_kwargs)
-    res = measure_top(op, tol=tol, seed=seed, progress=progress)
-    return margin_report(float(res.eigenvalues[0]), thr)
-
-
-from .track import TorchTracker as Tracker  # noqa: E402  (the tracker needs hessian() above)

@@ -1,0 +1,31 @@
+"""Hessians of JAX losses as pycurv operators.
+
+``hessian(loss_fn, params, data)`` returns an operator whose ``matvec`` is the
+Hessian-vector product of ``loss_fn(params, batch)`` (mean over all samples of
+``data``) with respect to the raveled parameters, for :func:`pycurv.lanczos`
+and :func:`pycurv.sharpness`::
+
+    import pycurv, pycurv.jax
+    H = pycurv.jax.hessian(loss_fn, params, (x, y))
+    lam1 = pycurv.sharpness(H, tol=1e-4, seed=0)
+
+Each product is ``jax.jit(jax.jvp(jax.grad(f)))`` (forward-over-reverse) of
+``f(flat) = loss_fn(unravel(flat), batch)`` with ``jax.flatten_util.ravel_pytree``;
+``params`` may be any pytree of floating-point arrays. Products run on the
+parameters' device in their dtype (float32 without ``jax_enable_x64``), or in
+``dtype=`` when asked; only the float64 Lanczos vector crosses to the host.
+"""
+
+from __future__ import annotations
+
+from .._optional import require
+
+require("jax", "pycurv.jax")
+
+from .functions import hessian, sharpness  # noqa: E402
+from .operator import HessianOperator  # noqa: E402
+from .preconditioners import adam_preconditioner, find_adam_state, find_hyperparams  # noqa: E402
+from .tracker import Tracker  # noqa: E402
+
+__all__ = ["hessian", "sharpness", "HessianOperator", "adam_preconditioner", "find_adam_state", "find_hyperparams",
+           "Tracker"]

@@ -1,0 +1,44 @@
+"""Hessians of PyTorch losses as pycurv operators.
+
+``hessian(model, loss_fn, data)`` returns an operator whose ``matvec`` is the
+Hessian-vector product of the mean loss over ``data`` with respect to the
+model's trainable parameters, for :func:`pycurv.lanczos` and
+:func:`pycurv.sharpness`::
+
+    import pycurv, pycurv.torch
+    H = pycurv.torch.hessian(model, torch.nn.functional.cross_entropy, (x, y))
+    lam1 = pycurv.sharpness(H, tol=1e-6, seed=0)
+
+Products are forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``
+through ``torch.func.functional_call``), falling back to reverse-over-reverse
+(double backward) where an operation has no forward-mode derivative. They run
+on the model's device, in the model's dtype unless ``dtype=`` says otherwise;
+only the float64 Lanczos vector crosses to the host.
+
+The model, its buffers and any optimizer passed are never modified: the
+products use a copy of the parameters and buffers taken when the operator is
+built, and a structural copy of the module whose training flags are set by
+``mode`` (the parameter tensors are shared with it, not copied twice).
+"""
+
+from __future__ import annotations
+
+from .._optional import require
+
+require("torch", "pycurv.torch")
+
+from .functions import hessian, sharpness, stability_report  # noqa: E402
+from .operator import HessianOperator, ParameterLayout  # noqa: E402
+from .preconditioners import adam_preconditioner, rmsprop_preconditioner  # noqa: E402
+from .tracker import Tracker  # noqa: E402
+
+__all__ = [
+    "hessian",
+    "sharpness",
+    "stability_report",
+    "HessianOperator",
+    "ParameterLayout",
+    "adam_preconditioner",
+    "rmsprop_preconditioner",
+    "Tracker",
+]
