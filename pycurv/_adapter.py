@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import NonDeterministicOperatorError
+from .errors import NonDeterministicOperatorError, NonFiniteMatvecError
 from .operators import Operator, unit_roundoff
 
 MODES = ("eval", "batch_stats", "train")
@@ -71,12 +71,13 @@ def batch_weight(reduction: str, n_b: int) -> float:
 
 
 def check_one_shot(data, name: str = "data"):
-    """Rejects iterators that can be consumed only once: each HVP passes over the data again."""
-    try:
-        it = iter(data)
-    except TypeError:
-        return
-    if it is data:
+    """Rejects iterators that can be consumed only once: each HVP passes over the data again.
+
+    An iterator has ``__next__``; a re-iterable (a list, a ``DataLoader``) does
+    not. Nothing is iterated here: creating an iterator of a ``DataLoader``
+    would draw from its generator and start its workers.
+    """
+    if callable(getattr(data, "__next__", None)):
         raise TypeError(
             f"{name} is a one-shot iterator ({type(data).__name__}); every Hessian-vector product "
             f"passes over the data again, so pass a list of batches or a re-iterable such as a DataLoader"
@@ -119,6 +120,9 @@ class HVPOperator(Operator):
         raise NotImplementedError
 
     def _rel_diff(self, a, b) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _count_nonfinite(self, y) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
     # -- the float64 NumPy boundary ----------------------------------------
@@ -164,6 +168,15 @@ class HVPOperator(Operator):
 
     def _compare(self, y1, y2, rtol: Optional[float] = None) -> float:
         rtol = self.probe_rtol if rtol is None else float(rtol)
+        bad = self._count_nonfinite(y1)
+        if bad:
+            # NaN differs from itself: without this the probe would blame randomness for it.
+            raise NonFiniteMatvecError(
+                f"the Hessian-vector product has {bad} non-finite values (NaN or Inf) out of {self.shape[0]} "
+                f"({self._loss_text()}); the loss or its derivatives are not finite at these parameters: look "
+                "for NaN or Inf parameters, inputs or targets, or a loss that overflows (e.g. log of 0)",
+                matvec=self.n_hvps,
+            )
         diff = float(self._rel_diff(y1, y2))
         self.last_probe = diff
         if not diff <= rtol:  # also catches NaN
@@ -174,10 +187,12 @@ class HVPOperator(Operator):
             )
         return diff
 
+    def _loss_text(self) -> str:
+        try:
+            return f"the loss is {self.loss():.6g}"
+        except Exception as exc:  # noqa: BLE001 - only for the message
+            return f"the loss could not be evaluated: {type(exc).__name__}"
+
     def _nondeterminism_advice(self) -> str:
-        return (
-            "Random layers (dropout) or batch statistics that change between passes, or data that changes "
-            "between passes (shuffling with drop_last, random augmentation), cause this. Use mode='eval' "
-            "(the default) or mode='batch_stats', pass seed= to draw the same dropout masks in every "
-            "product, and make the data deterministic; or pass check_determinism=False to accept it."
-        )
+        return ("Random numbers drawn by the model or loss, or data that changes between passes, cause this; "
+                "pass check_determinism=False to accept it.")

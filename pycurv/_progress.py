@@ -2,10 +2,14 @@
 
 The line appears only when stderr is a terminal and the measurement has run for
 more than ``delay`` seconds, so scripts, pipes, CI logs and tests see nothing.
+Where there is no terminal, long measurements report to the ``"pycurv"`` logger
+at INFO level instead (every ``log_every`` seconds), with the target tolerance:
+``logging.basicConfig(level=logging.INFO)`` shows them in a batch job's log.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 import warnings
@@ -25,33 +29,54 @@ class Progress:
         Default: ``sys.stderr.isatty()``.
     delay : float
         Seconds before the line is first drawn.
+    tol : float, optional
+        The tolerance the residual must reach, shown beside it.
+    log_every : float
+        Seconds between INFO records to the ``"pycurv"`` logger when the line is not drawn.
     """
 
     def __init__(self, label: str = "sharpness", *, enabled: Optional[bool] = None, delay: float = 1.0,
-                 stream=None):
+                 stream=None, tol: Optional[float] = None, log_every: float = 10.0):
         self.stream = sys.stderr if stream is None else stream
         if enabled is None:
             isatty = getattr(self.stream, "isatty", None)
             enabled = bool(isatty and isatty())
         self.enabled = enabled
+        self.tol = tol
+        self.log_every = log_every
+        self._logger = logging.getLogger("pycurv")
         self.label = label
         self.delay = delay
         self._t0 = time.perf_counter()
+        self._logged = self._t0
         self._drawn = False
         self._last = 0.0
 
-    def __call__(self, info) -> None:
-        if not self.enabled:
-            return None
-        now = time.perf_counter()
-        if now - self._t0 < self.delay or now - self._last < 0.1:
-            return None
-        self._last = now
+    @property
+    def wanted(self) -> bool:
+        """Whether a callback is needed at all: a terminal to draw on, or a logger listening at INFO."""
+        return self.enabled or self._logger.isEnabledFor(logging.INFO)
+
+    def _line(self, info, now: float) -> str:
         val = info.eigenvalues[0] if len(info.eigenvalues) else float("nan")
         res = info.residual_norms[0] if len(info.residual_norms) else float("nan")
         rel = res / abs(val) if val else float("nan")
-        self.stream.write(f"\r{self.label}: {val:.6g}  residual {rel:.1e}  {info.n_matvecs} HVPs  "
-                          f"{now - self._t0:.0f}s ")
+        target = f" (tol {self.tol:.1e})" if self.tol is not None else ""
+        return f"{self.label}: {val:.6g}  residual {rel:.1e}{target}  {info.n_matvecs} HVPs  {now - self._t0:.0f}s"
+
+    def __call__(self, info) -> None:
+        now = time.perf_counter()
+        if now - self._t0 < self.delay:
+            return None
+        if not self.enabled:
+            if now - self._logged >= self.log_every and self._logger.isEnabledFor(logging.INFO):
+                self._logged = now
+                self._logger.info(self._line(info, now))
+            return None
+        if now - self._last < 0.1:
+            return None
+        self._last = now
+        self.stream.write(f"\r{self._line(info, now)} ")
         self.stream.flush()
         self._drawn = True
         return None
@@ -75,11 +100,11 @@ def measure_top(op, *, tol=None, seed=0, v0=None, max_matvecs=None, progress=Non
 
     if tol is None:
         tol = default_tol(op.dtype)
-    bar = Progress(label, enabled=progress)
+    bar = Progress(label, enabled=progress, tol=tol)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             return lanczos(op, 1, which=which, tol=tol, seed=seed, v0=v0, max_matvecs=max_matvecs,
-                           callback=bar if bar.enabled else None)
+                           callback=bar if bar.wanted else None)
     finally:
         bar.close()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import time
 import warnings
@@ -37,6 +38,7 @@ from ._progress import measure_top
 __all__ = ["Record", "Tracker", "MarginWarning", "operator_options"]
 
 PRECONDITIONED = "preconditioned_sharpness"
+_log = logging.getLogger("pycurv")
 
 
 class MarginWarning(UserWarning):
@@ -67,6 +69,8 @@ class Record:
         Wall time of the measurement.
     converged : bool
         Whether the solver met ``tol``; ``status`` says otherwise why (e.g. ``"noise_floor"``).
+    function : str
+        The loss that was measured (the operator's ``function``: layer modes, batches).
     """
 
     step: int
@@ -81,10 +85,11 @@ class Record:
     seconds: float
     converged: bool
     status: str
+    function: str = ""
 
 
 _COLUMNS = ("step", "lr", "value", "threshold", "margin", "quantity", "formula", "optimizer", "matvecs", "seconds",
-            "converged", "status")
+            "converged", "status", "function")
 
 
 def operator_options(thr, optimizer=None) -> Dict[str, Any]:
@@ -121,9 +126,13 @@ class Tracker:
     max_matvecs : int, optional
         Budget per measurement.
     warn : bool
-        Issue one :class:`MarginWarning` the first time the margin exceeds 1.
+        Issue a :class:`MarginWarning`, with what to expect and what to do, each
+        time the margin crosses above 1, and again while it stays above 1 each
+        time it has doubled since the last warning.
     progress : bool, optional
         Progress line on stderr during long measurements (default: when stderr is a terminal).
+        Each measurement is also logged at INFO level to the ``"pycurv"`` logger
+        (``logging.basicConfig(level=logging.INFO)`` shows it where there is no terminal).
     """
 
     def __init__(self, *, every: int = 100, tol: float = 1e-3, seed: int = 0, max_matvecs: Optional[int] = None,
@@ -138,7 +147,7 @@ class Tracker:
         self.progress = progress
         self.records: List[Record] = []
         self._v0: Optional[np.ndarray] = None
-        self._warned = False
+        self._warned_margin = math.inf  # margin of the last warning while above 1 (inf: not above 1)
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
@@ -153,19 +162,27 @@ class Tracker:
         res = measure_top(op, tol=self.tol, seed=self.seed, v0=v0, max_matvecs=self.max_matvecs,
                           progress=self.progress, label=f"step {step}: λ1")
         value = float(res.eigenvalues[0])
-        rep = margin_report(value, thr)
+        function = str(getattr(op, "function", ""))
+        rep = margin_report(value, thr, function=function)
         matvecs = getattr(op, "n_hvps", hvps0 + res.n_matvecs) - hvps0
         rec = Record(step=int(step), lr=float(thr.lr), value=value, threshold=float(rep.threshold),
                      margin=float(rep.margin), quantity=rep.quantity, formula=thr.formula, optimizer=thr.optimizer,
                      matvecs=int(matvecs), seconds=time.perf_counter() - t0, converged=bool(res.converged),
-                     status=res.status)
+                     status=res.status, function=function)
         self.records.append(rec)
         if res.eigenvectors is not None:
             self._v0 = np.array(res.eigenvectors[:, 0])
-        if self.warn and not self._warned and rec.margin > 1.0:
-            self._warned = True
-            warnings.warn(MarginWarning(f"step {rec.step}: {rep.text} — past the stability threshold"),
-                          stacklevel=3)
+        _log.info("step %d: %s (%d HVPs, %.2f s%s)", rec.step, rep.text, rec.matvecs, rec.seconds,
+                  "" if rec.converged else f", {rec.status}")
+        if not rec.margin > 1.0:
+            self._warned_margin = math.inf
+        elif self._warned_margin == math.inf or rec.margin >= 2.0 * self._warned_margin:
+            # Each crossing warns, and a margin that keeps growing warns again: a run that recovers
+            # from an early excess (Adam's, typically) is still told when it becomes unstable later.
+            self._warned_margin = rec.margin
+            if self.warn:
+                warnings.warn(MarginWarning(f"step {rec.step}: {rep.text} — past the stability threshold. "
+                                            f"{rep.advice}"), stacklevel=3)
         return rec
 
     # -- output ------------------------------------------------------------
@@ -192,11 +209,14 @@ class Tracker:
             json.dump({"records": rows}, fh, indent=1, allow_nan=False, ensure_ascii=False)
             fh.write("\n")
 
-    def plot(self, path=None, *, ax=None, title: Optional[str] = None, log: bool = False):
+    def plot(self, path=None, *, ax=None, title: Optional[str] = None, log: Optional[bool] = None):
         """λ1 (or the preconditioned λ1) against the threshold over the steps; needs matplotlib.
 
         Draws into ``ax`` if given, else a new figure; saves to ``path`` if given.
-        Returns the matplotlib Figure.
+        The threshold is drawn as the steps it takes (it moves with the learning
+        rate). ``log=None`` uses a log value axis when the values and thresholds
+        span more than two decades; ``title`` defaults to what is plotted and on
+        which loss. Returns the matplotlib Figure.
         """
         from ._optional import require
 
@@ -218,9 +238,17 @@ class Tracker:
                 label=f"stability threshold {formula}")
         ax.set_xlabel("step")
         ax.set_ylabel(label)
+        if log is None:
+            shown = np.array([v for v in cols["value"] + cols["threshold"] if math.isfinite(v) and v > 0])
+            log = shown.size > 0 and len(shown) == len(cols["value"]) + len(cols["threshold"]) and (
+                shown.max() > 100.0 * shown.min())
         if log:
             ax.set_yscale("log")
         ax.legend(loc="best", fontsize="small")
+        if title is None and steps:
+            optimizer = cols["optimizer"][-1]
+            loss = cols["function"][-1].split(":")[0].split(";")[0]
+            title = f"{label.split(' λ')[0]} against {formula}, {optimizer}" + (f" ({loss})" if loss else "")
         if title:
             ax.set_title(title)
         if path is not None:

@@ -20,6 +20,7 @@ import time
 from typing import Any, Dict, Optional
 
 from ._common import CliError, emit_json, positive_float, positive_int
+from .stability import coefficient, nonnegative_float
 
 _OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 
@@ -37,7 +38,15 @@ def register(sub):
                    help="learning rate to judge (default: the returned optimizer's)")
     p.add_argument("--optimizer", choices=_OPTIMIZERS, default=None,
                    help="optimizer whose threshold applies with --lr (default: the returned optimizer's, else sgd)")
-    p.add_argument("--momentum", type=float, default=None, help="SGD momentum with --lr (default 0)")
+    g = p.add_argument_group("optimizer hyper-parameters (override the returned optimizer's, or with --lr)")
+    g.add_argument("--momentum", type=coefficient, default=None, help="momentum β (sgd, rmsprop; default 0)")
+    g.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (sgd)")
+    g.add_argument("--dampening", type=coefficient, default=None, help="dampening d (sgd; default 0)")
+    g.add_argument("--weight-decay", type=nonnegative_float, dest="weight_decay", default=None,
+                   help="weight decay (sgd, adam: coupled; adamw: decoupled; default 0)")
+    g.add_argument("--beta1", type=coefficient, default=None, help="Adam β1 (default 0.9)")
+    g.add_argument("--beta2", type=coefficient, default=None, help="Adam β2 (default 0.999; enters P)")
+    g.add_argument("--eps", type=nonnegative_float, default=None, help="Adam ε (default 1e-8; enters P)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="SGD batch size B: adds the noisy-SGD bound from the curvature variance")
     p.add_argument("--microbatch-size", type=positive_int, default=None,
@@ -45,12 +54,18 @@ def register(sub):
                         "is measured on microbatches of this size (default: B)")
     p.add_argument("--dtype", choices=("model", "float32", "float64"), default="model",
                    help="arithmetic of the Hessian-vector products (default: the model's)")
-    p.add_argument("--mode", choices=("eval", "batch_stats", "train"), default="eval",
-                   help="layer modes: eval (default), batch_stats (batch-norm uses batch statistics), train")
+    p.add_argument("--mode", choices=("batch_stats", "eval", "train"), default="batch_stats",
+                   help="which loss: batch_stats (default: the training loss, normalisation layers use each "
+                        "batch's statistics, dropout off), eval (running statistics, for a trained model), "
+                        "train (dropout on too; see --dropout-seed)")
+    p.add_argument("--dropout-seed", type=int, default=None,
+                   help="with --mode train: draw the same dropout masks in every product from this seed")
     p.add_argument("--device", default=None, help="where the products run (default: the model's device)")
     p.add_argument("--tol", type=positive_float, default=None,
                    help="relative residual tolerance (default: 1e-6 in float64, 2.4e-4 in float32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Lanczos start vector (default 0)")
+    p.add_argument("--max-matvecs", type=positive_int, dest="max_matvecs", default=None,
+                   help="most Hessian-vector products per eigenvalue (default: the solver's budget)")
     p.add_argument("--no-min", action="store_true", help="skip the smallest eigenvalue")
     p.add_argument("--json", action="store_true", help="strict JSON on stdout")
     p.set_defaults(func=run)
@@ -126,16 +141,20 @@ def _unpack(obj) -> Dict[str, Any]:
 # the measurement
 
 
+_HP_FLAGS = ("momentum", "dampening", "nesterov", "weight_decay", "beta1", "beta2", "eps")
+
+
+def _flag_hyperparameters(args) -> dict:
+    return {k: getattr(args, k) for k in _HP_FLAGS if getattr(args, k) is not None}
+
+
 def _threshold(args, optimizer):
     from ..stability import threshold, threshold_from_optimizer
 
+    flags = _flag_hyperparameters(args)
     if args.lr is not None:
         name = args.optimizer or "sgd"
         hp = {}
-        if args.momentum is not None:
-            if name not in ("sgd", "rmsprop"):
-                raise CliError(f"--momentum applies to sgd and rmsprop, not {name}")
-            hp["momentum"] = args.momentum
         if name in ("adam", "adamw", "rmsprop") and optimizer is not None:
             # the preconditioner comes from the optimizer; its betas/eps too
             base = threshold_from_optimizer(optimizer)
@@ -146,18 +165,36 @@ def _threshold(args, optimizer):
         elif name in ("adam", "adamw", "rmsprop"):
             raise CliError(f"--optimizer {name} bounds the preconditioned sharpness: the setup must return the "
                            f"{name} optimizer (after at least one step) for its preconditioner")
-        return threshold(name, args.lr, **hp)
+        return threshold(name, args.lr, **{**hp, **flags})
     if optimizer is not None:
-        return threshold_from_optimizer(optimizer)
+        base = threshold_from_optimizer(optimizer)
+        return threshold(base.optimizer, base.lr, **{**base.hyperparameters, **flags}) if flags else base
     if args.optimizer is not None:
         raise CliError("--optimizer needs --lr (or an optimizer returned by the setup)")
+    if flags:
+        raise CliError(f"--{next(iter(flags)).replace('_', '-')} needs --lr (or an optimizer returned by the setup)")
     return None
+
+
+def _preconditioner_options(thr, optimizer, model, args) -> dict:
+    """hessian() options for the preconditioned operator; Adam's P under the flags' β1, β2, ε if given."""
+    from .. import torch as pt
+    from ..track import operator_options
+
+    opts = operator_options(thr, optimizer)
+    what_if = {k: getattr(args, k) for k in ("beta1", "beta2", "eps") if getattr(args, k) is not None}
+    if what_if and thr.optimizer == "rmsprop":
+        raise CliError("--beta1, --beta2 and --eps are Adam's; RMSprop's preconditioner is read from its state as it is")
+    if what_if:
+        params = [p for p in model.parameters() if p.requires_grad]
+        opts["preconditioner"] = pt.adam_preconditioner(optimizer, params, **what_if)
+    return opts
 
 
 def _solve(op, which: str, args):
     from .._progress import measure_top
 
-    res = measure_top(op, tol=args.tol, seed=args.seed, which=which,
+    res = measure_top(op, tol=args.tol, seed=args.seed, which=which, max_matvecs=args.max_matvecs,
                       label="λ1" if which == "LA" else "λmin")
     return res
 
@@ -210,7 +247,9 @@ def run(args) -> int:
         raise CliError(f"the setup's model must be a torch.nn.Module, got {type(model).__name__}")
     thr = _threshold(args, optimizer)
 
-    kw = dict(mode=args.mode, microbatch_size=args.microbatch_size, device=args.device)
+    if args.dropout_seed is not None and args.mode != "train":
+        raise CliError(f"--dropout-seed seeds dropout masks, which only --mode train draws (got --mode {args.mode})")
+    kw = dict(mode=args.mode, microbatch_size=args.microbatch_size, device=args.device, seed=args.dropout_seed)
     if args.dtype != "model":
         kw["dtype"] = args.dtype
     H = pt.hessian(model, loss_fn, data, **kw)
@@ -220,12 +259,10 @@ def run(args) -> int:
 
     pre = None
     if thr is not None and thr.quantity == "preconditioned_sharpness":
-        from ..track import operator_options
-
-        Hp = pt.hessian(model, loss_fn, data, **kw, **operator_options(thr, optimizer))
+        Hp = pt.hessian(model, loss_fn, data, **kw, **_preconditioner_options(thr, optimizer, model, args))
         pre = _solve(Hp, "LA", args)
     value = float(pre.eigenvalues[0]) if pre is not None else lam1
-    rep = margin_report(value, thr) if thr is not None else None
+    rep = margin_report(value, thr, function=H.function) if thr is not None else None
 
     usual = {
         "SGD": max_stable_lr("sgd", max(lam1, 0.0)),
@@ -258,6 +295,7 @@ def run(args) -> int:
         "dtype": H.dtype,
         "device": H.device,
         "mode": H.mode,
+        "function": H.function,
         "hvp_method": H.hvp_method,
         "n_samples": H.n_samples,
         "loss": H.loss(),
@@ -271,6 +309,7 @@ def run(args) -> int:
         "margin": None if rep is None else rep.margin,
         "stable": None if rep is None else rep.stable,
         "verdict": None if rep is None else _verdict(rep.margin),
+        "advice": None if rep is None or not rep.advice else rep.advice,
         "max_stable_lr": usual,
         "noisy_sgd": noisy,
         "seconds": time.perf_counter() - t_start,
@@ -282,7 +321,8 @@ def run(args) -> int:
     w = sys.stdout.write
     fmt = format_number
     w(f"pycurv sharpness: {label}\n")
-    w(f"  parameters      {n_params:,} ({H.dtype}, {H.device}, {H.mode} mode), {H.n_samples:,} samples\n")
+    w(f"  parameters      {n_params:,} ({H.dtype}, {H.device}), {H.n_samples:,} samples\n")
+    w(f"  function        {H.function}\n")
     w(f"  loss            {out['loss']:.4g}\n")
     w(f"  λ1 (sharpness)  {fmt(lam1)}{_flag(top)}\n")
     if bottom is not None:
@@ -292,6 +332,8 @@ def run(args) -> int:
     if thr is not None:
         w(f"  optimizer       {_describe_optimizer(thr)}\n")
         w(f"  verdict         {_verdict(rep.margin)}: {rep.text}\n")
+        if rep.advice:
+            w(_wrap(rep.advice, "  what to do      "))
     else:
         w("  verdict         no optimizer given: pass --lr (and --momentum), or return the optimizer\n")
     w("  largest stable learning rate at this curvature:\n")
@@ -306,6 +348,12 @@ def run(args) -> int:
             judged = f"  (lr {thr.lr:g}: {'stable' if thr.lr <= noisy['max_lr'] else 'unstable'})"
         w(f"    largest stable lr      {fmt(noisy['max_lr'])}{judged}\n")
     return 0
+
+
+def _wrap(text: str, head: str) -> str:
+    import textwrap
+
+    return textwrap.fill(text, width=100, initial_indent=head, subsequent_indent=" " * len(head)) + "\n"
 
 
 def _flag(res) -> str:

@@ -151,6 +151,21 @@ class HessianOperator(HVPOperator):
             self._scale = (1.0 / jnp.sqrt(P)).astype(self.jax_dtype)
         super().__init__(check_determinism=check_determinism, probe_rtol=probe_rtol)
 
+    @property
+    def function(self) -> str:
+        """The loss this operator differentiates, in words (every report names it).
+
+        JAX losses are the user's function: batch statistics, dropout keys and
+        the like are whatever ``loss_fn`` computes. Pass the loss that training
+        differentiates (for flax batch norm, ``apply(..., mutable=["batch_stats"])``
+        with the updated statistics discarded).
+        """
+        where = "1 batch" if self._single else (f"{len(self._data)} batches" if hasattr(self._data, "__len__")
+                                                 else "the data's batches")
+        if self.n_samples is not None:
+            where += f", {self.n_samples:,} samples"
+        return f"loss_fn(params, batch) as given; {where}"
+
     # -- several devices ---------------------------------------------------
     def _place_on_mesh(self, mesh, data_axis, data, flat):
         """Data parallelism inside one process: batches split over ``data_axis`` of ``mesh``.
@@ -196,6 +211,9 @@ class HessianOperator(HVPOperator):
 
     def _to_numpy(self, y) -> np.ndarray:
         return np.asarray(y, dtype=np.float64)
+
+    def _count_nonfinite(self, y) -> int:
+        return int(np.count_nonzero(~np.isfinite(np.asarray(y, dtype=np.float64))))
 
     def _rel_diff(self, a, b) -> float:
         a64 = np.asarray(a, dtype=np.float64)

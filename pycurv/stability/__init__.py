@@ -25,7 +25,7 @@ from .iteration import (
     largest_stable_value,
     spectral_radius,
 )
-from .margin import MarginReport, format_number, margin_report
+from .margin import MarginReport, format_number, margin_report, unstable_advice
 from .noise_scale import noise_scale_from_batch_norms, noise_scale_from_gradients, simple_noise_scale
 from .noisy import (
     is_mean_square_stable,
@@ -65,6 +65,7 @@ __all__ = [
     # margins
     "MarginReport",
     "margin_report",
+    "unstable_advice",
     "format_number",
     # the general routine
     "spectral_radius",

@@ -10,7 +10,7 @@ import numpy as np
 from .._checks import as_real
 from .quadratic import SHARPNESS, Threshold
 
-__all__ = ["MarginReport", "margin_report", "format_number"]
+__all__ = ["MarginReport", "margin_report", "unstable_advice", "format_number"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,12 @@ class MarginReport:
         ``"sharpness"`` or ``"preconditioned_sharpness"``.
     text : str
         One line, e.g. ``"λ1 = 19.7 is at 0.99 of 2/η = 20"``.
+    function : str
+        The loss whose curvature was measured (e.g. ``"training loss: 2 normalisation
+        layers use each batch's statistics, dropout off; 1 batch, 64 samples"``), or ``""``.
+    advice : str
+        Past the threshold: what to expect and what to do (the largest stable
+        learning rate, warmup, GI-Adam for Adam); ``""`` while stable.
     """
 
     value: float
@@ -40,9 +46,16 @@ class MarginReport:
     stable: bool
     quantity: str
     text: str
+    function: str = ""
+    advice: str = ""
 
     def __str__(self) -> str:
-        return self.text
+        lines = [self.text]
+        if self.function:
+            lines.append(f"measured on the {self.function}")
+        if self.advice:
+            lines.append(self.advice)
+        return "\n".join(lines)
 
 
 def format_number(x: float) -> str:
@@ -62,13 +75,15 @@ def _format_margin(margin: float) -> str:
     return text
 
 
-def margin_report(value, thr) -> MarginReport:
+def margin_report(value, thr, *, function: str = "") -> MarginReport:
     """Compare a measured sharpness with a :class:`Threshold` (or a plain threshold number).
 
     ``margin = value / threshold``; ``stable`` is ``margin <= 1``. For Adam, AdamW and
     RMSprop ``value`` must be the preconditioned sharpness λ1(P^{-1/2} H P^{-1/2})
     (``thr.quantity`` says which), and the text names it:
     ``"preconditioned sharpness λ1(P⁻¹H) = 3.62e+04 is at 0.95 of 38/η = 38000"``.
+    ``function`` names the loss that was measured; past the threshold ``advice``
+    says what to expect and what to do (:func:`unstable_advice`).
     """
     value = as_real("value", value)
     if isinstance(thr, Threshold):
@@ -81,5 +96,49 @@ def margin_report(value, thr) -> MarginReport:
         name = "λ1"
     margin = value / limit if limit > 0 else math.inf
     text = f"{name} = {format_number(value)} is at {_format_margin(margin)} of {label}"
+    advice = unstable_advice(value, thr) if margin > 1.0 and isinstance(thr, Threshold) else ""
     return MarginReport(value=value, threshold=limit, margin=margin, stable=bool(margin <= 1.0),
-                        quantity=quantity, text=text)
+                        quantity=quantity, text=text, function=str(function), advice=advice)
+
+
+def unstable_advice(value: float, thr: Threshold) -> str:
+    """What a value past ``thr`` means for training, and what to change; ``""`` if it is not past it.
+
+    Past the threshold the quadratic model diverges, but a network need not: the
+    step grows the loss along the top eigenvector until the curvature falls (a
+    catapult; Kalra & Barkeshli 2024, §4), or training fails. For Adam the
+    preconditioned sharpness often starts at 1e5 to 1e6 and falls during early
+    training (their §4.3); warmup (their §6.1) and initialising the second
+    moment with the first gradient squared (GI-Adam, their §6.2, which divides
+    the initial λ1(P⁻¹H) by about 1/√(1 − β2)) keep it below.
+    """
+    value = as_real("value", value)
+    if not value > thr.max_stable_sharpness:
+        return ""
+    lr = float(thr.lr)
+    try:
+        lr_c = float(thr.max_stable_lr(value))
+    except ValueError:  # no stable learning rate at this value (e.g. weight decay past it)
+        lr_c = math.nan
+    fix = []
+    if math.isfinite(lr_c) and lr_c > 0:
+        fix.append(f"lower the learning rate to ≤ {format_number(lr_c)}")
+        fix.append(f"or warm up from {format_number(lr_c)} to {format_number(lr)}: a linear warmup over T steps "
+                   f"then reaches {format_number(lr)} after T·(1 − {format_number(lr_c / lr)}) steps while the "
+                   "curvature comes down (Kalra & Barkeshli 2024, §6.1; pycurv.solvers.warmup_timing)")
+    if thr.quantity == SHARPNESS:
+        expect = ("Expect the loss to grow along the top eigenvector: training either catapults (the loss spikes, "
+                  "λ1 falls below the threshold and training goes on) or diverges (Gilmer et al. 2022; "
+                  "Kalra & Barkeshli 2024, §4).")
+    else:
+        name = {"adam": "Adam", "adamw": "AdamW"}.get(thr.optimizer, "RMSprop")
+        expect = (f"{name} need not diverge past its threshold: it catapults, the loss spiking while the second "
+                  "moment grows and λ1(P⁻¹H) falls (Kalra & Barkeshli 2024, §4.3). Early in training λ1(P⁻¹H) "
+                  "often starts at 1e5 to 1e6 and comes down; a large excess can still end in a training failure.")
+        if thr.optimizer in ("adam", "adamw"):
+            b2 = float(thr.hyperparameters.get("beta2", 0.999))
+            fix.append(f"or initialise the second moment with the first gradient squared (GI-Adam, their §6.2: "
+                       f"pycurv.torch.init_adam_from_gradients), which lowers the initial λ1(P⁻¹H) by about "
+                       f"1/√(1 − β2) = {format_number(1.0 / math.sqrt(1.0 - b2))}")
+    todo = ("To stay below it: " + "; ".join(fix) + ".") if fix else ""
+    return (expect + " " + todo).strip()

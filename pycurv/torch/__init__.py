@@ -29,7 +29,7 @@ require("torch", "pycurv.torch")
 
 from .functions import hessian, sharpness, stability_report  # noqa: E402
 from .operator import HessianOperator, ParameterLayout  # noqa: E402
-from .preconditioners import adam_preconditioner, rmsprop_preconditioner  # noqa: E402
+from .preconditioners import adam_preconditioner, init_adam_from_gradients, rmsprop_preconditioner  # noqa: E402
 from .tracker import Tracker  # noqa: E402
 
 __all__ = [
@@ -40,5 +40,6 @@ __all__ = [
     "ParameterLayout",
     "adam_preconditioner",
     "rmsprop_preconditioner",
+    "init_adam_from_gradients",
     "Tracker",
 ]

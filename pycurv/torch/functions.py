@@ -20,7 +20,7 @@ def hessian(
     *,
     preconditioner=None,
     dtype=None,
-    mode: str = "eval",
+    mode: str = "batch_stats",
     seed: Optional[int] = None,
     microbatch_size: Optional[int] = None,
     reduction: str = "mean",
@@ -49,7 +49,10 @@ def hessian(
         One batch, or several (a list, a DataLoader; not a one-shot generator).
         A single batch is a 2-tuple/list whose first item is a tensor or a dict.
         The loss is the mean over *all samples*: batches are weighted by their
-        size. Batches are moved to the model's device one at a time, so data
+        size. A ``DataLoader`` is replayed with one epoch's batches, drawn
+        when the operator is built (its sampler's next epoch; the loader and
+        the RNGs are left as they were), so shuffling does not change the
+        function between products. Batches are moved to the model's device one at a time, so data
         larger than device memory works.
     preconditioner : torch.optim.Adam / AdamW / RMSprop, or 1-D tensor, optional
         Gives the symmetric P^{-1/2} H P^{-1/2} instead of H: from the optimizer's
@@ -59,11 +62,18 @@ def hessian(
     dtype : torch.dtype or str, optional
         Arithmetic of the products; default the model's dtype. ``"float64"``
         casts a copy of the parameters, buffers and floating-point data.
-    mode : {"eval", "batch_stats", "train"}
-        ``"eval"`` (default): every layer in eval mode (dropout off, batch norm
-        uses running statistics). ``"batch_stats"``: normalisation layers use
-        each batch's statistics, the rest in eval mode. ``"train"``: every layer
-        in training mode, dropout on. Running statistics are never updated.
+    mode : {"batch_stats", "eval", "train"}
+        Which function of the parameters the loss is. ``"batch_stats"``
+        (default): the loss training descends, normalisation layers (batch
+        and instance norm) normalising each batch by its own statistics, dropout
+        off. ``"eval"``: every layer in eval mode, batch norm using its running
+        statistics (for a trained model; a few hundred steps into training the
+        running statistics are nothing like the batches', and the curvature of
+        this function can differ from the training loss's by orders of
+        magnitude). ``"train"``: every layer in training mode, dropout on (pass
+        ``seed``). Running statistics are never updated. Models without
+        batch-statistics layers or dropout give the same operator in every mode;
+        :attr:`HessianOperator.function` says which function was built.
     seed : int, optional
         With ``mode="train"``, draws the same dropout masks in every product
         (seed + batch index; the global RNG is restored afterwards). Without it
@@ -145,11 +155,14 @@ def stability_report(model, loss_fn: Callable, data, optimizer, *, tol: Optional
     with their threshold, e.g. (2 + 2 beta1) / ((1 - beta1) lr) for Adam; for SGD
     (with or without momentum) the sharpness (see :mod:`pycurv.stability`). Returns a
     :class:`pycurv.stability.MarginReport` (``value``, ``threshold``, ``margin``,
-    ``stable``, ``quantity``); its ``text`` reads like ``"λ1 = 19.7 is at 0.99 of 2/η = 20"``.
+    ``stable``, ``quantity``, ``function``, ``advice``); its ``text`` reads like
+    ``"λ1 = 19.7 is at 0.99 of 2/η = 20"``, and ``str(report)`` adds the function
+    measured and, past the threshold, what to expect and do. The default
+    ``mode="batch_stats"`` measures the loss the optimizer descends.
     """
     thr = threshold_from_optimizer(optimizer, group=group)
     for key, value in operator_options(thr, optimizer).items():
         hessian_kwargs.setdefault(key, value)
     op = hessian(model, loss_fn, data, **hessian_kwargs)
     res = measure_top(op, tol=tol, seed=seed, progress=progress)
-    return margin_report(float(res.eigenvalues[0]), thr)
+    return margin_report(float(res.eigenvalues[0]), thr, function=op.function)

@@ -19,7 +19,7 @@ import torch
 from .. import _adapter
 from .._adapter import HVPOperator
 from ..distributed import TorchCommunicator, guard, shard_bounds
-from ._data import _call_args, _is_pair, _leading, _map, _split
+from ._data import FrozenLoader, _call_args, _is_pair, _leading, _map, _split, fixed_batches
 from .preconditioners import _preconditioner_diagonal
 
 __all__ = ["HessianOperator", "ParameterLayout"]
@@ -187,10 +187,11 @@ class HessianOperator(HVPOperator):
                 consts[k] = b.detach().to(dev, self.torch_dtype if cast else b.dtype, copy=True)
         self._consts = consts
         self._module = _structural_copy(model, self.mode)
+        self._n_batch_stats, self._n_dropout = _layer_census(self._module, self.mode)
         self._loss_fn = loss_fn
 
         _adapter.check_one_shot(data)
-        self._data = data
+        self._data = fixed_batches(data)
         self._single = _is_pair(data)
         if not self._single and isinstance(data, (tuple, list)) and len(data) == 0:
             raise ValueError("data is empty; pass an (inputs, targets) pair or a non-empty iterable of pairs")
@@ -216,6 +217,39 @@ class HessianOperator(HVPOperator):
             self.preconditioner_diagonal = P  # float64, on the device
             self._scale = torch.rsqrt(P).to(self.torch_dtype)
         super().__init__(check_determinism=check_determinism, probe_rtol=probe_rtol)
+
+    @property
+    def function(self) -> str:
+        """The loss this operator differentiates, in words: layer modes, dropout, batches.
+
+        E.g. ``"training loss: 2 normalisation layers use each batch's statistics,
+        dropout off; 2 fixed batches, 64 samples"``. Every report names it.
+        """
+        norm = self._n_batch_stats
+        layers = f"{norm} normalisation layer{'s' if norm != 1 else ''}"
+        if self.mode == "eval":
+            text = "eval-mode loss: " + (f"{layers} use their running statistics" if norm else
+                                         "no batch-statistics layers") + ", dropout off"
+        else:
+            head = "training loss" if self.mode == "batch_stats" else "train-mode loss"
+            text = f"{head}: " + (f"{layers} use each batch's statistics" if norm else
+                                  "no batch-statistics layers (the same function as eval mode)")
+            if self.mode == "train" and self._n_dropout:
+                text += ", dropout on, " + ("masks seeded" if self.seed is not None else "fresh masks in every product")
+            else:
+                text += ", dropout off"
+            if norm and self._microbatch_size is not None:
+                text += f", statistics per microbatch of at most {self._microbatch_size}"
+        if self._single:
+            where = "1 batch"
+        elif isinstance(self._data, FrozenLoader):
+            where = (f"{len(self._data)} fixed batches of a "
+                     + ("shuffled " if self._data.shuffled else "") + "DataLoader (one epoch, replayed)")
+        else:
+            where = f"{len(self._data)} batches" if hasattr(self._data, "__len__") else "the data's batches"
+        if self.n_samples is not None:
+            where += f", {self.n_samples:,} samples"
+        return f"{text}; {where}"
 
     # -- scale-out ---------------------------------------------------------
     def _setup_distributed(self, group, shard_basis: bool):
@@ -269,6 +303,9 @@ class HessianOperator(HVPOperator):
 
     def _to_numpy(self, y) -> np.ndarray:
         return y.detach().to(device="cpu", dtype=torch.float64).numpy()
+
+    def _count_nonfinite(self, y) -> int:
+        return int(torch.count_nonzero(~torch.isfinite(y)))
 
     def _rel_diff(self, a, b) -> float:
         a64, b64 = a.double(), b.double()
@@ -511,6 +548,27 @@ class HessianOperator(HVPOperator):
                 count += n_b
         return total / count
 
+    def _nondeterminism_advice(self) -> str:
+        causes = []
+        if self.mode == "train" and self._n_dropout and self.seed is None:
+            layers = f"{self._n_dropout} dropout layer" + ("s" if self._n_dropout != 1 else "")
+            causes.append(f"dropout is on (mode='train', {layers}) with fresh masks in "
+                          "every product: pass seed= to draw the same masks each time, or use "
+                          "mode='batch_stats' (dropout off)")
+        if isinstance(self._data, FrozenLoader):
+            causes.append("the DataLoader's batches are replayed with the same samples and torch RNG seeds, so "
+                          "its dataset draws random numbers elsewhere (augmentations using numpy or random): "
+                          "make them deterministic or pass precomputed batches")
+        elif not self._single and not isinstance(self._data, (list, tuple)):
+            causes.append(f"the data ({type(self._data).__name__}) yields different batches in each pass "
+                          "(an IterableDataset, or shuffling): pass a list of batches")
+        if self.torch_device.type == "cuda":
+            causes.append("non-deterministic GPU kernels (atomic adds): raise probe_rtol=, or compute in float64")
+        if not causes:
+            causes.append("the model or loss_fn draws random numbers or keeps state between calls")
+        return ("Likely cause: " + "; or ".join(causes)
+                + ". Pass check_determinism=False to accept the difference.")
+
     def __repr__(self) -> str:
         kind = "P^-1/2 H P^-1/2" if self.preconditioned else "H"
         return (f"<pycurv.torch.HessianOperator {kind} n={self.shape[0]} dtype={self.dtype} device={self.device} "
@@ -574,6 +632,21 @@ class _seeded:
 
     def __exit__(self, *exc):
         return self._fork.__exit__(*exc)
+
+
+def _layer_census(module, mode: str) -> Tuple[int, int]:
+    """(normalisation layers whose statistics depend on ``mode``, dropout layers active) of a prepared copy.
+
+    In eval mode the first count is of the layers that hold running statistics
+    (and use them); otherwise of every batch/instance-norm layer (they normalise
+    by the batch's own statistics).
+    """
+    norm_base = torch.nn.modules.batchnorm._NormBase
+    norms = [m for m in module.modules() if isinstance(m, norm_base)]
+    if mode == "eval":
+        norms = [m for m in norms if getattr(m, "running_mean", None) is not None]
+    dropout = sum(1 for m in module.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training)
+    return len(norms), dropout
 
 
 def _structural_copy(model, mode: str):

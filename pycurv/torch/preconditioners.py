@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["adam_preconditioner", "rmsprop_preconditioner"]
+__all__ = ["adam_preconditioner", "rmsprop_preconditioner", "init_adam_from_gradients"]
 
 
 def _scalar(x) -> float:
@@ -25,7 +25,8 @@ def _is_adam_like(opt) -> bool:
             and all("betas" in g and "eps" in g for g in opt.param_groups))
 
 
-def adam_preconditioner(optimizer, params: Optional[Sequence] = None, *, names: Optional[Sequence[str]] = None):
+def adam_preconditioner(optimizer, params: Optional[Sequence] = None, *, names: Optional[Sequence[str]] = None,
+                        beta1: Optional[float] = None, beta2: Optional[float] = None, eps: Optional[float] = None):
     """Adam's preconditioner P = (1 - beta1^t) * (sqrt(v_hat) + eps), flat, float64.
 
     v_hat = exp_avg_sq / (1 - beta2^t) (``max_exp_avg_sq`` with ``amsgrad=True``),
@@ -44,6 +45,9 @@ def adam_preconditioner(optimizer, params: Optional[Sequence] = None, *, names: 
         parameter of the optimizer, in group order).
     names : sequence of str, optional
         Names of ``params`` for error messages.
+    beta1, beta2, eps : float, optional
+        Use these instead of the optimizer's (what-if: the same second moments
+        under other hyper-parameters).
 
     Returns
     -------
@@ -55,10 +59,12 @@ def adam_preconditioner(optimizer, params: Optional[Sequence] = None, *, names: 
             f"preconditioner must be a torch.optim.Adam, AdamW or RMSprop, or a 1-D tensor holding the "
             f"diagonal of P; got {type(optimizer).__name__}"
         )
-    beta1_0 = _scalar(optimizer.param_groups[0]["betas"][0])
+    beta1_0 = _scalar(optimizer.param_groups[0]["betas"][0]) if beta1 is None else float(beta1)
 
     def diagonal(g, st):
         b1, b2 = (_scalar(b) for b in g["betas"])
+        b1 = b1 if beta1 is None else float(beta1)
+        b2 = b2 if beta2 is None else float(beta2)
         if b1 != beta1_0:
             raise ValueError(
                 f"parameter groups have different beta1 ({beta1_0} and {b1}); one threshold "
@@ -67,9 +73,58 @@ def adam_preconditioner(optimizer, params: Optional[Sequence] = None, *, names: 
         t = _scalar(st["step"])
         v = st["max_exp_avg_sq"] if g.get("amsgrad", False) else st["exp_avg_sq"]
         v_hat = v.detach().to(torch.float64).reshape(-1) / (1.0 - b2**t)
-        return (1.0 - b1**t) * (torch.sqrt(v_hat) + _scalar(g["eps"]))
+        return (1.0 - b1**t) * (torch.sqrt(v_hat) + (_scalar(g["eps"]) if eps is None else float(eps)))
 
     return _per_parameter_diagonal(optimizer, params, names, "exp_avg_sq", diagonal)
+
+
+def init_adam_from_gradients(optimizer) -> int:
+    """GI-Adam: starts Adam's second moment at the first gradient squared, v0 = g0².
+
+    Kalra & Barkeshli (2024, §6.2): standard Adam's preconditioned sharpness
+    λ1(P^{-1/2} H P^{-1/2}) typically starts at 1e5 to 1e6, far above 38/η, and
+    early training catapults; initialising v with g0² (bias correction kept)
+    divides the initial λ1(P⁻¹H) by about 1/√(1 − β2) (31.6 at β2 = 0.999) and
+    acts as an automatic warmup η_t = η √(1 − β2^t) (their App. I.2).
+
+    Call it once, after the first ``loss.backward()`` and before the first
+    ``optimizer.step()``: every parameter with a gradient gets the state Adam
+    would create (``step`` 0, ``exp_avg`` 0) with ``exp_avg_sq = grad²``
+    (and ``max_exp_avg_sq`` too with ``amsgrad=True``).
+
+    Returns
+    -------
+    int
+        The number of parameters initialised.
+    """
+    if not _is_adam_like(optimizer):
+        raise TypeError(f"init_adam_from_gradients needs a torch.optim.Adam or AdamW, got {type(optimizer).__name__}")
+    try:  # what Adam itself uses for its step counter
+        from torch.optim.optimizer import _get_scalar_dtype as scalar_dtype
+    except ImportError:  # pragma: no cover - older or newer torch
+        def scalar_dtype(is_fused=None):
+            return torch.get_default_dtype()
+    count = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if optimizer.state.get(p):
+                raise ValueError("the optimizer has state already (it has taken a step): GI-Adam initialises the "
+                                 "second moment before the first optimizer.step()")
+            on_device = group.get("capturable", False) or group.get("fused", False)
+            step = (torch.zeros((), dtype=scalar_dtype(is_fused=bool(group.get("fused", False))), device=p.device)
+                    if on_device else torch.tensor(0.0, dtype=scalar_dtype(), device="cpu"))
+            g2 = p.grad.detach().square().clone(memory_format=torch.preserve_format)
+            state = {"step": step, "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                     "exp_avg_sq": g2}
+            if group.get("amsgrad", False):
+                state["max_exp_avg_sq"] = g2.clone()
+            optimizer.state[p] = state
+            count += 1
+    if count == 0:
+        raise ValueError("no parameter of the optimizer has a gradient: call loss.backward() first")
+    return count
 
 
 def _is_rmsprop_like(opt) -> bool:
