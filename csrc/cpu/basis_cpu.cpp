@@ -9,6 +9,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(_WIN32)
+#include <malloc.h>  // _aligned_malloc: MSVC's C library has no std::aligned_alloc
+#endif
 
 #include "pycurv/rng.hpp"
 
@@ -38,9 +41,14 @@ inline int64_t sub_block(int nv) {
 #else
 #define PYCURV_CLONES
 #endif
+#if defined(_MSC_VER)
+#define PYCURV_NOINLINE __declspec(noinline)
+#else
+#define PYCURV_NOINLINE __attribute__((noinline))
+#endif
 
-PYCURV_CLONES __attribute__((noinline)) double dot(const double* __restrict a, const double* __restrict b,
-                                                   int64_t m) {
+PYCURV_CLONES PYCURV_NOINLINE double dot(const double* __restrict a, const double* __restrict b,
+                                         int64_t m) {
   double s = 0.0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < m; ++i) s += a[i] * b[i];
@@ -48,8 +56,8 @@ PYCURV_CLONES __attribute__((noinline)) double dot(const double* __restrict a, c
 }
 
 // out[i] += <V_i, w> over m rows, V_i = base + i * ld; eight (then four) vectors share each load of w.
-PYCURV_CLONES __attribute__((noinline)) void block_dots(const double* base, int64_t ld, int nv,
-                                                        const double* __restrict w, int64_t m, double* out) {
+PYCURV_CLONES PYCURV_NOINLINE void block_dots(const double* base, int64_t ld, int nv,
+                                              const double* __restrict w, int64_t m, double* out) {
   int i = 0;
   for (; i + 8 <= nv; i += 8) {
     const double* __restrict v0 = base + static_cast<int64_t>(i) * ld;
@@ -111,8 +119,8 @@ PYCURV_CLONES __attribute__((noinline)) void block_dots(const double* base, int6
 }
 
 // w -= sum_i h_i V_i over m rows; w is loaded and stored once per eight (then four) vectors.
-PYCURV_CLONES __attribute__((noinline)) void block_update(const double* base, int64_t ld, int nv, const double* h,
-                                                          double* __restrict w, int64_t m) {
+PYCURV_CLONES PYCURV_NOINLINE void block_update(const double* base, int64_t ld, int nv, const double* h,
+                                                double* __restrict w, int64_t m) {
   int i = 0;
   for (; i + 8 <= nv; i += 8) {
     const double* __restrict v0 = base + static_cast<int64_t>(i) * ld;
@@ -150,9 +158,9 @@ PYCURV_CLONES __attribute__((noinline)) void block_update(const double* base, in
 // out_j = sum_i C[j * nold + i] V_i over m rows, for j < nnew (out_j = out + j * ldo).
 // A small GEMM with the basis block in cache: 8 rows x 4 outputs of accumulators
 // stay in registers while the nold basis vectors stream past.
-PYCURV_CLONES __attribute__((noinline)) void block_combine(const double* base, int64_t ld, int nold,
-                                                           const double* C, int nnew, int64_t m,
-                                                           double* __restrict out, int64_t ldo) {
+PYCURV_CLONES PYCURV_NOINLINE void block_combine(const double* base, int64_t ld, int nold,
+                                                 const double* C, int nnew, int64_t m,
+                                                 double* __restrict out, int64_t ldo) {
   constexpr int R = 8;
   int j = 0;
   for (; j + 4 <= nnew; j += 4) {
@@ -224,6 +232,12 @@ double* alloc_doubles(size_t count) {
   if (count == 0) count = 1;
   const size_t bytes = count * sizeof(double);
   constexpr size_t kAlign = size_t(1) << 21;
+#if defined(_WIN32)
+  // Freed with _aligned_free (CpuBasis::Free), so every buffer comes from here.
+  void* w = _aligned_malloc(bytes, bytes >= kAlign ? kAlign : 64);
+  if (!w) throw std::bad_alloc();
+  return static_cast<double*>(w);
+#else
   if (bytes >= kAlign) {
     const size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
     void* p = std::aligned_alloc(kAlign, rounded);
@@ -236,6 +250,7 @@ double* alloc_doubles(size_t count) {
   void* p = std::malloc(bytes);
   if (!p) throw std::bad_alloc();
   return static_cast<double*>(p);
+#endif
 }
 }  // namespace
 

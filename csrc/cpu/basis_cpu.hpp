@@ -10,6 +10,9 @@
 #include <cstdlib>
 #include <memory>
 #include <vector>
+#if defined(_WIN32)
+#include <malloc.h>
+#endif
 
 namespace pycurv {
 
@@ -65,7 +68,11 @@ class CpuBasis {
   int nslots_;
   int nritz_;
   struct Free {
+#if defined(_WIN32)
+    void operator()(double* p) const { _aligned_free(p); }
+#else
     void operator()(double* p) const { std::free(p); }
+#endif
   };
   std::unique_ptr<double[], Free> data_;
   std::unique_ptr<double[], Free> ritz_;
