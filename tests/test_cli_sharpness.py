@@ -176,3 +176,66 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["sharpness", "--dtype", "int8"])
     assert exc.value.code == 2
+
+
+BN_SCRIPT = """
+import torch
+import torch.nn.functional as F
+
+def setup():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Dropout(0.2), torch.nn.Linear(16, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (64,), generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for xb, yb in loader:
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    return model, F.cross_entropy, loader, opt
+"""
+
+
+def test_training_loss_by_default_with_advice_past_the_threshold(tmp_path, capsys):
+    path = tmp_path / "bn_setup.py"
+    path.write_text(BN_SCRIPT)
+    code, out, err = _run(capsys, str(path), "--json", "--no-min", "--optimizer", "adam", "--lr", "1")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["mode"] == "batch_stats"
+    assert d["function"] == ("training loss: 1 normalisation layer uses each batch's statistics, dropout off; "
+                             "4 fixed batches of a shuffled DataLoader (one epoch, replayed), 64 samples")
+    assert d["verdict"] == "unstable" and "GI-Adam" in d["advice"] and "catapults" in d["advice"]
+    code, out, _ = _run(capsys, str(path), "--no-min", "--optimizer", "adam", "--lr", "1")
+    assert "  function        training loss: 1 normalisation layer" in out
+    assert "  what to do      Adam need not diverge past its threshold" in out
+    d_eval = json.loads(_run(capsys, str(path), "--json", "--no-min", "--mode", "eval")[1])
+    assert d_eval["function"].startswith("eval-mode loss: 1 normalisation layer")
+    assert d_eval["lambda_max"]["value"] != pytest.approx(d["lambda_max"]["value"], rel=1e-3)
+    # dropout with seeded masks: a fixed function (the probe passes), differing from dropout off
+    d_train = json.loads(_run(capsys, str(path), "--json", "--no-min", "--mode", "train", "--dropout-seed", "3")[1])
+    assert d_train["function"].startswith("train-mode loss: 1 normalisation layer uses each batch's statistics, "
+                                          "dropout on, masks seeded")
+    code, _, err = _run(capsys, str(path), "--dropout-seed", "3")
+    assert code == 2 and "--dropout-seed seeds dropout masks, which only --mode train draws" in err
+
+
+def test_optimizer_flags_and_max_matvecs(capsys):
+    d = json.loads(_run(capsys, "--json", "--no-min", "--lr", "0.1", "--momentum", "0.9", "--nesterov",
+                        "--dampening", "0", "--weight-decay", "0.01")[1])
+    hp = d["optimizer"]["hyperparameters"]
+    assert hp["nesterov"] is True and hp["momentum"] == 0.9 and hp["weight_decay"] == 0.01
+    lam1 = d["lambda_max"]["value"]
+    assert d["threshold"]["value"] == pytest.approx((2 + 2 * 0.9) / ((1 + 2 * 0.9) * 0.1) - 0.01, rel=1e-12)
+    # flags override the returned optimizer's hyper-parameters (the built-in returns SGD lr 0.4, momentum 0.9)
+    d = json.loads(_run(capsys, "--json", "--no-min", "--momentum", "0.5")[1])
+    assert d["optimizer"]["lr"] == 0.4 and d["optimizer"]["hyperparameters"]["momentum"] == 0.5
+    assert d["threshold"]["value"] == pytest.approx(3.0 / 0.4, rel=1e-12)
+    d = json.loads(_run(capsys, "--json", "--no-min", "--max-matvecs", "3")[1])
+    assert d["lambda_max"]["matvecs"] <= 3 and not d["lambda_max"]["converged"]
+    assert d["lambda_max"]["value"] < lam1
+    code, _, err = _run(capsys, "--beta1", "0.8")
+    assert code == 2 and "beta1" in err

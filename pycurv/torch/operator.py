@@ -228,12 +228,13 @@ class HessianOperator(HVPOperator):
         norm = self._n_batch_stats
         layers = f"{norm} normalisation layer{'s' if norm != 1 else ''}"
         if self.mode == "eval":
-            text = "eval-mode loss: " + (f"{layers} use their running statistics" if norm else
+            text = "eval-mode loss: " + (f"{layers} {'use their' if norm != 1 else 'uses its'} running statistics"
+                                         if norm else
                                          "no batch-statistics layers") + ", dropout off"
         else:
             head = "training loss" if self.mode == "batch_stats" else "train-mode loss"
-            text = f"{head}: " + (f"{layers} use each batch's statistics" if norm else
-                                  "no batch-statistics layers (the same function as eval mode)")
+            text = f"{head}: " + (f"{layers} use{'' if norm != 1 else 's'} each batch's statistics" if norm else
+                                  "no batch-statistics layers")
             if self.mode == "train" and self._n_dropout:
                 text += ", dropout on, " + ("masks seeded" if self.seed is not None else "fresh masks in every product")
             else:
