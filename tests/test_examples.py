@@ -3,6 +3,9 @@
 - Cohen et al. 2021: under full-batch GD the sharpness rises to 2/η and stays within 10% of it.
 - Cohen et al. 2022: under full-batch Adam the preconditioned sharpness settles within 15% of 38/η.
 - Gilmer et al. 2022: warmup pushes λ1 down along 2/η_t, where training without it diverges.
+- On a BatchNorm convnet, with batch statistics (the training loss): Adam's λ1(P⁻¹H) rises to and
+  hovers near 38/η (Cohen et al. 2022); GI-Adam starts it about 1/√(1 − β2) lower (Kalra &
+  Barkeshli 2024, §6.2); warmup pushes it down ahead of 38/η_t before η reaches its target (§4.3).
 """
 
 from __future__ import annotations
@@ -77,3 +80,47 @@ def test_warmup_pushes_sharpness_down(tmp_path):
     assert losses.max() <= losses[0] and losses[-1] < 0.2 * losses[0]
     _, losses0 = runs["no warmup"]
     assert len(losses0) < 300 or not np.isfinite(losses0[-1])  # the same η without warmup diverges
+
+
+def test_adam_on_batchnorm_convnet_hovers_at_38_over_lr_with_batch_statistics(tmp_path):
+    import adam_batchnorm
+
+    tracker, eval_mode, losses = adam_batchnorm.main(plot=tmp_path / "bn.png", verbose=False)
+    assert (tmp_path / "bn.png").stat().st_size > 10_000
+    rec = tracker.records
+    thr = 38 / 3e-3
+    assert all(r.threshold == pytest.approx(thr) and r.function.startswith("training loss: 2 normalisation")
+               for r in rec)
+    v = np.array([r.value for r in rec])
+    assert v.min() < 0.2 * thr  # it falls after the first steps, then rises to the threshold ...
+    late = v[len(v) // 2:]
+    assert abs(np.median(late) / thr - 1) < 0.20  # ... and hovers within 20% of it (Cohen et al. 2022)
+    assert np.all(np.abs(late / thr - 1) < 0.25)
+    assert losses[-1] < 0.3 * losses[0]
+    # eval mode (running statistics) is another function: orders of magnitude past 38/η throughout
+    assert min(e for _, e in eval_mode) > 100 * thr
+
+
+def test_gi_adam_lowers_the_initial_preconditioned_sharpness(tmp_path):
+    import gi_adam
+
+    runs, factor = gi_adam.main(plot=tmp_path / "gi.png", verbose=False)
+    assert (tmp_path / "gi.png").stat().st_size > 10_000
+    # Kalra & Barkeshli §6.2: about 1/sqrt(1 - beta2) = 31.6 (the first step moves the two runs apart a little)
+    assert 20 < factor < 40
+    adam, gi = runs["Adam"][0].records, runs["GI-Adam"][0].records
+    assert adam[0].margin > 1 > 10 * gi[0].margin  # standard Adam starts past 38/η, GI-Adam far below it
+    assert max(r.margin for r in gi) < 1
+
+
+def test_warmup_pushes_preconditioned_sharpness_down_before_the_target_lr(tmp_path):
+    import adam_warmup
+
+    runs = adam_warmup.main(plot=tmp_path / "warm.png", verbose=False)
+    assert (tmp_path / "warm.png").stat().st_size > 10_000
+    f = adam_warmup.summary(runs, 3e-2)
+    assert f["no_warmup_start"].margin > 2  # at the target η from the first step: far past 38/η
+    assert f["start"].value > 5 * f["at_target"].value
+    assert f["met"].step < f["at_target"].step  # it meets the falling 38/η_t during the warmup ...
+    assert f["at_target"].value < 0.75 * f["peak"].value  # ... and is pushed down with it
+    assert f["at_target"].margin < 1.1 and f["largest_margin"] < 1.3
