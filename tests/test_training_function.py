@@ -296,3 +296,16 @@ def test_gi_adam_starts_the_second_moment_at_the_gradient_squared():
         pt.init_adam_from_gradients(opt)
     with pytest.raises(ValueError, match="call loss.backward"):
         pt.init_adam_from_gradients(torch.optim.Adam(tm.mlp_tanh().parameters()))
+
+
+def test_long_measurements_log_progress_with_the_target_tolerance(caplog):
+    from pycurv._progress import Progress
+    from pycurv.results import LanczosProgress
+
+    bar = Progress("λ1", enabled=False, delay=0.0, tol=1e-4, log_every=0.0)
+    assert not bar.enabled and not bar.wanted  # nobody listens: no callback at all
+    with caplog.at_level(logging.INFO, logger="pycurv"):
+        assert bar.wanted
+        bar(LanczosProgress(12, np.array([8.5]), np.array([0.017])))
+    (record,) = caplog.records
+    assert record.getMessage().startswith("λ1: 8.5  residual 2.0e-03 (tol 1.0e-04)  12 HVPs")
