@@ -109,11 +109,29 @@ def lanczos(
         operator's framework; everything else is the same as on the CPU.
     """
     op = as_operator(A, n=n)
+    try:
+        result = _solve(op, k, which=which, tol=tol, ncv=ncv, max_matvecs=max_matvecs, v0=v0, seed=seed,
+                        return_eigenvectors=return_eigenvectors, callback=callback,
+                        check_multiplicity=check_multiplicity, host_basis=host_basis)
+    finally:
+        # Operators may hold per-solve state (a framework's cached linearisations): the solve is over.
+        release = getattr(op, "release", None)
+        if callable(release):
+            release()
+    if not result.converged:
+        warnings.warn(result.message, ConvergenceWarning, stacklevel=2)
+    return result
+
+
+def _solve(op, k, *, which, tol, ncv, max_matvecs, v0, seed, return_eigenvectors, callback, check_multiplicity,
+           host_basis) -> LanczosResult:
     if getattr(op, "shard_bounds", None) is not None:  # the basis split over devices in this process
-        return lanczos_sharded(op.matvec_shards, op.shard_bounds, k, which=which, tol=tol, ncv=ncv,
-                               max_matvecs=max_matvecs, v0=v0, seed=seed, return_eigenvectors=return_eigenvectors,
-                               callback=callback, check_multiplicity=check_multiplicity, exact=op.exact,
-                               dtype=op.dtype)
+        with warnings.catch_warnings():  # lanczos() warns once, below
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return lanczos_sharded(op.matvec_shards, op.shard_bounds, k, which=which, tol=tol, ncv=ncv,
+                                   max_matvecs=max_matvecs, v0=v0, seed=seed,
+                                   return_eigenvectors=return_eigenvectors, callback=callback,
+                                   check_multiplicity=check_multiplicity, exact=op.exact, dtype=op.dtype)
     N = op.shape[0]
     comm = getattr(op, "comm", None)
     n_local = int(getattr(op, "n_local", N))
@@ -173,11 +191,8 @@ def lanczos(
         timing = drive(state, op.matvec, n_local, reduce=comm.allreduce_sum if sharded else None,
                        learn_dtype=learn, callback=callback, comm=comm)
         as_array = np.asarray
-    result = collect(state, timing, which=which, tol=tol, ncv=ncv, seed=seed, max_matvecs=max_matvecs,
-                     want_vectors=return_eigenvectors, as_array=as_array)
-    if not result.converged:
-        warnings.warn(result.message, ConvergenceWarning, stacklevel=2)
-    return result
+    return collect(state, timing, which=which, tol=tol, ncv=ncv, seed=seed, max_matvecs=max_matvecs,
+                   want_vectors=return_eigenvectors, as_array=as_array)
 
 
 def _agree(comm, seed: int, v0, n_local: int, sharded: bool):

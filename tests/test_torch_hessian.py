@@ -54,48 +54,48 @@ def test_hvp_and_extreme_eigenvalues_match_dense(case):
     assert H.n_samples == sum(len(y) for _, y in batches)
 
 
-def test_mse_falls_back_to_reverse_mode_and_agrees():
-    """F.mse_loss has no usable forward-over-reverse derivative (pytorch#123996): auto falls back."""
+def test_mse_uses_the_cached_reverse_products_and_agrees():
+    """F.mse_loss has no usable forward-over-reverse derivative (pytorch#123996): reverse mode needs none."""
     model, batches = tm.mlp_relu(), tm.regression_batches([20])
     D = tm.dense_hessian(model, F.mse_loss, batches)
     H = pt.hessian(model, F.mse_loss, batches[0])
     v = np.random.default_rng(1).standard_normal(H.shape[0])
     y = H.matvec(v)
-    assert H.hvp_method == "reverse-over-reverse"
-    assert "ZeroTensor" in H.fallback_reason
+    assert H.hvp_method == "cached reverse-over-reverse"
     assert _rel(y, D @ v) <= 1e-12
     with pytest.raises(RuntimeError, match="ZeroTensor"):
         pt.hessian(model, F.mse_loss, batches[0], hvp="forward").matvec(v)
 
 
-def test_forced_reverse_mode_matches_forward_mode():
+def test_the_three_product_methods_agree():
     model, batches = tm.lnblock(), tm.classification_batches([10], d=6)
-    fwd = pt.hessian(model, F.cross_entropy, batches[0])
+    cached = pt.hessian(model, F.cross_entropy, batches[0])
+    fwd = pt.hessian(model, F.cross_entropy, batches[0], hvp="forward")
     rev = pt.hessian(model, F.cross_entropy, batches[0], hvp="reverse")
     v = np.random.default_rng(2).standard_normal(fwd.shape[0])
-    a, b = fwd.matvec(v), rev.matvec(v)
-    assert fwd.hvp_method == "forward-over-reverse" and fwd.fallback_reason is None
-    assert rev.hvp_method == "reverse-over-reverse"
-    assert _rel(a, b) <= 1e-12
+    a, b, c = cached.matvec(v), fwd.matvec(v), rev.matvec(v)
+    assert fwd.hvp_method == "forward-over-reverse" and rev.hvp_method == "reverse-over-reverse"
+    assert rev.cache_batches == 0 and fwd.cache_batches == 0 and cached.cache_batches == 1
+    assert _rel(a, b) <= 1e-12 and _rel(c, b) <= 1e-12
 
 
-def test_mse_written_by_hand_uses_forward_mode():
+def test_mse_written_by_hand_in_forward_mode():
     model, batches = tm.mlp_relu(), tm.regression_batches([20])
     loss = lambda o, y: ((o - y) ** 2).mean()  # noqa: E731
-    H = pt.hessian(model, loss, batches[0])
+    H = pt.hessian(model, loss, batches[0], hvp="forward")
     D = tm.dense_hessian(model, F.mse_loss, batches)
     v = np.random.default_rng(3).standard_normal(H.shape[0])
     assert _rel(H.matvec(v), D @ v) <= 1e-12
     assert H.hvp_method == "forward-over-reverse"
 
 
-def test_huber_loss_without_forward_derivative_falls_back():
+def test_huber_loss_without_forward_derivative():
     model, batches = tm.mlp_tanh(), tm.regression_batches([12], k=3)
     H = pt.hessian(model, F.huber_loss, batches[0])
     D = tm.dense_hessian(model, F.huber_loss, batches)
     v = np.random.default_rng(4).standard_normal(H.shape[0])
     assert _rel(H.matvec(v), D @ v) <= 1e-12
-    assert H.hvp_method == "reverse-over-reverse"
+    assert H.hvp_method == "cached reverse-over-reverse"
 
 
 def test_microbatches_and_sum_reduction_give_the_mean_hessian():

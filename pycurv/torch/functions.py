@@ -25,6 +25,7 @@ def hessian(
     microbatch_size: Optional[int] = None,
     reduction: str = "mean",
     hvp: str = "auto",
+    cache=None,
     check_determinism: bool = True,
     probe_rtol: Optional[float] = None,
     l2: float = 0.0,
@@ -84,10 +85,26 @@ def hessian(
     reduction : {"mean", "sum"}
         What ``loss_fn`` does over a batch; either way the operator is the
         Hessian of the mean loss over all samples.
-    hvp : {"auto", "forward", "reverse"}
-        ``"auto"`` tries forward-over-reverse on the first product and falls back
-        to reverse-over-reverse if an operation lacks forward-mode support
-        (e.g. ``F.mse_loss``, pytorch#123996); ``hvp_method`` records the choice.
+    hvp : {"auto", "reverse", "forward"}
+        ``"auto"``: each batch's loss and gradient are built once with their
+        autograd graph (``create_graph=True``) and every product is one
+        backward pass through it, the cost of one backward (1.5 to 4.5 times
+        cheaper than the alternatives on CPU; bench/RESULTS.md); batches past
+        the ``cache`` budget are recomputed per product by double backward.
+        ``"reverse"``: double backward recomputed in every product (the least
+        memory). ``"forward"``: forward-over-reverse (``torch.func.jvp`` of
+        ``torch.func.grad``), which fails on operations without forward-mode
+        derivatives (e.g. ``F.mse_loss``, pytorch#123996). ``hvp_method`` says
+        which is used. Attention runs on the math backend of
+        ``scaled_dot_product_attention`` (its fused kernels have no second
+        derivative), so transformers models work with their default attention.
+    cache : int, bool or None
+        Budget in bytes for the cached gradient graphs (activations saved for
+        the backward passes, the batch, the gradient): default (None or True)
+        a quarter of the memory free on the device when the operator is built;
+        False or 0 caches nothing. ``H.cache_batches`` and ``H.cache_bytes``
+        say what is held; the solver releases it when a solve ends
+        (:meth:`HessianOperator.release`), and the next product rebuilds it.
     check_determinism : bool
         Computes the first product twice and raises
         :class:`pycurv.NonDeterministicOperatorError` if the two differ by more
@@ -122,10 +139,11 @@ def hessian(
     -------
     HessianOperator
         ``shape == (n, n)``, ``dtype`` the products' arithmetic, ``exact=False``.
-        Memory: one copy of the parameters and buffers, plus the products' own.
+        Memory: one copy of the parameters and buffers, the cached gradient
+        graphs (within ``cache``), plus the products' own.
     """
     return HessianOperator(model, loss_fn, data, preconditioner=preconditioner, dtype=dtype, mode=mode, seed=seed,
-                           microbatch_size=microbatch_size, reduction=reduction, hvp=hvp,
+                           microbatch_size=microbatch_size, reduction=reduction, hvp=hvp, cache=cache,
                            check_determinism=check_determinism, probe_rtol=probe_rtol, l2=l2, params=params,
                            device=device, distributed=distributed, process_group=process_group,
                            shard_basis=shard_basis)

@@ -111,8 +111,14 @@ class HessianOperator(HVPOperator):
     device : str
         Where the products run (``"cpu"``, ``"cuda:0"``).
     hvp_method : str
-        ``"forward-over-reverse"`` or ``"reverse-over-reverse"`` (set by the
-        first product when ``hvp="auto"``); ``fallback_reason`` says why.
+        How products are computed: ``"cached reverse-over-reverse"`` (the
+        default: each batch's gradient graph is built once and every product
+        is one backward pass through it), ``"reverse-over-reverse"`` (double
+        backward recomputed per product) or ``"forward-over-reverse"``.
+    cache_batches, cache_bytes, cache_budget : int
+        Batches whose gradient graph is held now, the bytes it holds (tensors
+        saved for the backward passes, measured as the graph is built), and
+        the budget; batches past it are recomputed in every product.
     preconditioned : bool
         True for P^{-1/2} H P^{-1/2}; then ``preconditioner_diagonal`` holds P.
     n_hvps, n_samples
@@ -122,7 +128,7 @@ class HessianOperator(HVPOperator):
     framework = "torch"
 
     def __init__(self, model, loss_fn, data, *, preconditioner, dtype, mode, seed, microbatch_size,
-                 reduction, hvp, check_determinism, probe_rtol, l2, params, device,
+                 reduction, hvp, check_determinism, probe_rtol, l2, params, device, cache=None,
                  distributed=None, process_group=None, shard_basis=False):
         model, group = _unwrap_data_parallel(model, distributed, process_group)
         if not isinstance(model, torch.nn.Module):
@@ -198,9 +204,18 @@ class HessianOperator(HVPOperator):
         self._microbatch_size = None if microbatch_size is None else int(microbatch_size)
         self.seed = seed
         self.l2 = float(l2)
-        self._hvp_choice = hvp
-        self.hvp_method = {"forward": "forward-over-reverse", "reverse": "reverse-over-reverse"}.get(hvp)
-        self.fallback_reason = None
+        self.cache_budget = _cache_budget(cache, dev)
+        if hvp == "forward":
+            self.hvp_method = "forward-over-reverse"
+        elif hvp == "reverse" or self.cache_budget == 0:
+            self.hvp_method = "reverse-over-reverse"
+        else:
+            self.hvp_method = CACHED
+        self.fallback_reason = None  # kept for compatibility: products no longer fall back between methods
+        self._cache: list = []        # per batch index: _Linearised, or None (past the budget)
+        self._cache_full = False      # the budget is spent: later batches are recomputed
+        self._cache_complete = False  # every batch is cached: passes need not read the data
+        self._bypass_cache = False
         # A hook for data parallelism: sums a tensor over processes in place (None: one process).
         self._allreduce: Optional[Callable] = None
         self.comm = None
@@ -398,7 +413,9 @@ class HessianOperator(HVPOperator):
     # -- the loss and its derivatives --------------------------------------
     def _loss(self, params: Dict[str, Any], inputs, targets):
         args, kwargs = _call_args(inputs)
-        out = torch.func.functional_call(self._module, (params, self._consts), args, kwargs)
+        # Attention on the math backend: the fused kernels have no second derivative.
+        with _math_attention():
+            out = torch.func.functional_call(self._module, (params, self._consts), args, kwargs)
         loss = self._loss_fn(out, targets)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError(
@@ -423,48 +440,78 @@ class HessianOperator(HVPOperator):
         return [hv[k] for k in self.layout.names]
 
     def _batch_hvp_reverse(self, tangents: Dict[str, Any], inputs, targets):
-        with torch.enable_grad():
-            ps = {k: v.detach().requires_grad_(True) for k, v in self._params.items()}
-            loss = self._loss(ps, inputs, targets)
-            leaves = [ps[k] for k in self.layout.names]
-            gs = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-            pairs = [(g, v, t) for g, v, t in zip(gs, leaves, (tangents[k] for k in self.layout.names))]
-            live = [i for i, (g, _, _) in enumerate(pairs) if g is not None and g.requires_grad]
-            hv = [torch.zeros_like(v) for v in leaves]
-            if live:
-                out = torch.autograd.grad([pairs[i][0] for i in live], leaves,
-                                          grad_outputs=[pairs[i][2] for i in live], allow_unused=True)
-                hv = [torch.zeros_like(v) if o is None else o for o, v in zip(out, leaves)]
-        return [h.detach() for h in hv]
+        return _Linearised(self, inputs, targets, 0, measure=False).product(tangents)
+
+    def _linearised(self, index: int, inputs, targets, n_b: int):
+        """The cached gradient graph of batch ``index``, built now if the budget allows; None past it."""
+        if index < len(self._cache):
+            return self._cache[index]
+        if self._cache_full:
+            self._cache.append(None)
+            return None
+        entry = _Linearised(self, inputs, targets, n_b, measure=True)
+        if self.cache_bytes + entry.nbytes > self.cache_budget:
+            # Past the budget: this batch and the ones after it are recomputed per product.
+            self._cache_full = True
+            self._cache.append(None)
+            return entry
+        self._cache.append(entry)
+        return entry
+
+    @property
+    def cache_batches(self) -> int:
+        return sum(1 for e in self._cache if e is not None)
+
+    @property
+    def cache_bytes(self) -> int:
+        return int(sum(e.nbytes for e in self._cache if e is not None))
+
+    def release(self) -> None:
+        """Frees the cached gradient graphs (the solver calls it when a solve ends; the next product rebuilds them)."""
+        self._cache = []
+        self._cache_full = False
+        self._cache_complete = False
+
+    def _batch_product(self, index: int, tangents, inputs, targets, n_b: int, method: str):
+        if method == "forward-over-reverse":
+            return self._batch_hvp_forward(tangents, inputs, targets)
+        if method == CACHED and not self._bypass_cache:
+            entry = self._linearised(index, inputs, targets, n_b)
+            if entry is not None:
+                return entry.product(tangents)
+        return self._batch_hvp_reverse(tangents, inputs, targets)
+
+    def _items(self, method: str):
+        """``(index, inputs, targets, n_samples)`` per microbatch; once every batch's graph is cached,
+        from the cache alone (the data are not read again)."""
+        if method == CACHED and self._cache_complete and not self._bypass_cache:
+            for i, entry in enumerate(self._cache):
+                yield i, None, None, entry.n_samples
+            return
+        for i, (inputs, targets, n_b) in enumerate(self.batches()):
+            yield i, inputs, targets, n_b
 
     def _pass(self, tangents: Dict[str, Any], method: str):
         total = None
         count = 0
-        for i, (inputs, targets, n_b) in enumerate(self.batches()):
-            with self._rng(i):
-                if method == "forward-over-reverse":
-                    parts = self._batch_hvp_forward(tangents, inputs, targets)
-                else:
-                    parts = self._batch_hvp_reverse(tangents, inputs, targets)
-            flat = self._flatten(parts)
-            w = _adapter.batch_weight(self.reduction, n_b)
-            total = flat * w if total is None else total.add_(flat, alpha=w)
-            count += n_b
+        try:
+            for i, inputs, targets, n_b in self._items(method):
+                with self._rng(i):
+                    parts = self._batch_product(i, tangents, inputs, targets, n_b, method)
+                flat = self._flatten(parts)
+                w = _adapter.batch_weight(self.reduction, n_b)
+                total = flat * w if total is None else total.add_(flat, alpha=w)
+                count += n_b
+        except (RuntimeError, NotImplementedError) as exc:
+            raise _second_derivative_error(exc) from exc
         if total is None:
             raise ValueError("data yielded no batches; pass an (inputs, targets) pair or a non-empty iterable of pairs")
+        if method == CACHED and not self._bypass_cache and self._cache and all(e is not None for e in self._cache):
+            self._cache_complete = True
         return total, count
 
     def _local_pass(self, tangents):
         """This process's weighted sum of per-batch HVPs and its sample count."""
-        if self.hvp_method is None:  # hvp="auto", first product
-            try:
-                out = self._pass(tangents, "forward-over-reverse")
-                self.hvp_method = "forward-over-reverse"
-            except (RuntimeError, NotImplementedError) as exc:
-                out = self._pass(tangents, "reverse-over-reverse")
-                self.hvp_method = "reverse-over-reverse"
-                self.fallback_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            return out
         return self._pass(tangents, self.hvp_method)
 
     def _raw_hvp(self, v):
@@ -501,6 +548,14 @@ class HessianOperator(HVPOperator):
         self.n_hvps += 1
         return out
 
+    def _probe_hvp(self, v):
+        """The product again, recomputed from the model and the data (not through the cached graphs)."""
+        self._bypass_cache = True
+        try:
+            return self.hvp(v)
+        finally:
+            self._bypass_cache = False
+
     # -- per-batch quantities (gradient noise, curvature variance) ---------
     def batch_gradients(self) -> Iterator[Tuple[int, Any]]:
         """Yields ``(n_samples, flat gradient)`` of each microbatch's loss (P^{-1/2} g when preconditioned)."""
@@ -516,19 +571,14 @@ class HessianOperator(HVPOperator):
 
     def batch_hvps(self, v) -> Iterator[Tuple[int, Any]]:
         """Yields ``(n_samples, flat A_b v)`` per microbatch, A_b the Hessian of that batch's mean loss."""
-        method = self.hvp_method or "forward-over-reverse"
         x = v * self._scale if self._scale is not None else v
         tangents = self._unflatten(x)
-        for i, (inputs, targets, n_b) in enumerate(self.batches()):
+        for i, inputs, targets, n_b in self._items(self.hvp_method):
             with torch.no_grad(), self._rng(i):
-                if method == "forward-over-reverse":
-                    try:
-                        parts = self._batch_hvp_forward(tangents, inputs, targets)
-                    except (RuntimeError, NotImplementedError):
-                        method = "reverse-over-reverse"
-                        parts = self._batch_hvp_reverse(tangents, inputs, targets)
-                else:
-                    parts = self._batch_hvp_reverse(tangents, inputs, targets)
+                try:
+                    parts = self._batch_product(i, tangents, inputs, targets, n_b, self.hvp_method)
+                except (RuntimeError, NotImplementedError) as exc:
+                    raise _second_derivative_error(exc) from exc
                 flat = self._flatten(parts)
                 if self.reduction == "sum":
                     flat = flat / n_b
@@ -573,7 +623,135 @@ class HessianOperator(HVPOperator):
     def __repr__(self) -> str:
         kind = "P^-1/2 H P^-1/2" if self.preconditioned else "H"
         return (f"<pycurv.torch.HessianOperator {kind} n={self.shape[0]} dtype={self.dtype} device={self.device} "
-                f"mode={self.mode!r} hvps={self.n_hvps}>")
+                f"mode={self.mode!r} hvp={self.hvp_method!r} cache={self.cache_batches} batches, "
+                f"{self.cache_bytes / 2**20:.1f} MiB hvps={self.n_hvps}>")
+
+
+CACHED = "cached reverse-over-reverse"
+
+
+class _Linearised:
+    """One batch's loss and gradient with its autograd graph kept: each product is one backward pass.
+
+    H v = d(g · v)/dθ = ``torch.autograd.grad(g, θ, grad_outputs=v, retain_graph=True)``
+    with g = ∇L built once with ``create_graph=True``. ``nbytes`` counts the
+    tensors the graph saves for its backward passes (activations, the batch,
+    the gradient), each storage once, not the parameters themselves: read off
+    the graph once it is built (saved-tensor hooks would put a Python call on
+    every saved tensor of every later product).
+    """
+
+    __slots__ = ("names", "leaves", "grads", "live", "n_samples", "nbytes")
+
+    def __init__(self, op, inputs, targets, n_samples: int, *, measure: bool):
+        self.n_samples = n_samples
+        self.names = names = op.layout.names
+        with torch.enable_grad():
+            ps = {k: v.detach().requires_grad_(True) for k, v in op._params.items()}
+            leaves = [ps[k] for k in names]
+            loss = op._loss(ps, inputs, targets)
+            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        self.live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        self.leaves = leaves
+        self.grads = [grads[i] for i in self.live]
+        self.nbytes = _graph_bytes(self.grads, exclude=op._params.values()) if measure else 0
+
+    def product(self, tangents: Dict[str, Any]) -> list:
+        hv = [torch.zeros_like(v) for v in self.leaves]
+        if self.live:
+            with torch.enable_grad():
+                out = torch.autograd.grad(self.grads, self.leaves,
+                                          grad_outputs=[tangents[self.names[i]] for i in self.live],
+                                          retain_graph=True, allow_unused=True)
+            hv = [torch.zeros_like(v) if o is None else o.detach() for o, v in zip(out, self.leaves)]
+        return hv
+
+
+_SAVED_NAMES: Dict[type, Tuple[str, ...]] = {}
+
+
+def _graph_bytes(roots, exclude) -> int:
+    """Bytes of the distinct storages that the autograd graph behind ``roots`` saves (and of the roots)."""
+    storages: Dict[int, int] = {}
+
+    def add(t):
+        if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.device.type != "meta":
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+
+    for g in roots:
+        add(g)
+    seen = set()
+    stack = [g.grad_fn for g in roots if g.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names = _SAVED_NAMES.get(type(fn))
+        if names is None:
+            names = _SAVED_NAMES[type(fn)] = tuple(a for a in dir(fn) if a.startswith("_saved_"))
+        for name in names:
+            try:
+                value = getattr(fn, name)
+            except (RuntimeError, AttributeError):  # freed, or not a tensor
+                continue
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                add(t)
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    for t in exclude:
+        storages.pop(t.untyped_storage().data_ptr(), None)
+    return int(sum(storages.values()))
+
+
+def _cache_budget(cache, device) -> int:
+    """Bytes of gradient graphs an operator may hold: ``cache`` as given, or a quarter of the free memory."""
+    if cache is None or cache is True:
+        return _default_cache_budget(device)
+    if cache is False:
+        return 0
+    if isinstance(cache, bool) or not isinstance(cache, numbers.Real) or not cache >= 0 or not math.isfinite(cache):
+        raise ValueError(f"cache must be True, False, None (a quarter of the free memory) or a budget in bytes >= 0, "
+                         f"got cache={cache!r}")
+    return int(cache)
+
+
+def _default_cache_budget(device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free // 4)
+    try:
+        import os
+
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it
+        free = 8 * 2**30
+    return int(free // 4)
+
+
+def _math_attention():
+    """Scaled-dot-product attention on its math backend (twice differentiable), where torch has the switch."""
+    attention = getattr(torch.nn, "attention", None)
+    if attention is None or not hasattr(attention, "sdpa_kernel"):  # pragma: no cover - old torch
+        return _nullcontext()
+    return attention.sdpa_kernel([attention.SDPBackend.MATH])
+
+
+def _second_derivative_error(exc):
+    """An autograd error naming an operation without a second derivative, said in pycurv's words."""
+    import re
+
+    text = str(exc)
+    m = re.search(r"derivative for (\S+) is not implemented", text)
+    if not m:
+        return exc
+    return RuntimeError(
+        f"the loss uses {m.group(1)}, which has no derivative of the order a Hessian-vector product needs: "
+        f"torch cannot differentiate it twice. Replace that operation with a twice-differentiable one (for "
+        f"attention, torch.nn.functional.scaled_dot_product_attention or an eager implementation, e.g. "
+        f"attn_implementation='eager' in transformers), or pass hvp='forward' or hvp='reverse' to try the other "
+        f"way of forming the product. torch said: {text.splitlines()[0]}"
+    )
 
 
 def _as_tensor(x):
