@@ -166,7 +166,7 @@ def test_layout_batches_and_reductions():
         l2 = pj.hessian(loss_fn, params, data, l2=0.5)
         assert np.allclose(l2.matvec(v), H.matvec(v) + 0.5 * v, rtol=0, atol=1e-13)
         H.matvec(v)
-        assert H.n_hvps == 3 and H.last_probe == 0.0
+        assert H.n_hvps == 3 and H.last_probe < 1e-14  # the linearised product against jvp(grad) recomputed
 
 
 def test_optax_adam_preconditioner_matches_dense():
@@ -264,3 +264,34 @@ def test_data_that_changes_between_passes_is_caught_by_the_probe():
         H = pj.hessian(loss_fn, params, Augmented())
         with pytest.raises(pycurv.NonDeterministicOperatorError, match="fix the PRNG key"):
             H.matvec(np.ones(H.shape[0]))
+
+
+def test_linearised_products_cached_per_batch_match_dense_and_respect_the_budget():
+    with x64():
+        rng = np.random.default_rng(7)
+        params = init_mlp(rng, [4, 6, 3], jnp.float64)
+        data = [(_normal(rng, (n, 4), jnp.float64), jnp.asarray(rng.integers(0, 3, n))) for n in (8, 8, 8)]
+
+        def loss_fn(p, batch):
+            x, y = batch
+            return xent(mlp(p, x, jnp.tanh), y)
+
+        flat, unravel = ravel_pytree(params)
+        D = np.asarray(jax.hessian(lambda f: sum(loss_fn(unravel(f), b) for b in data) / 3)(flat))
+        H = pj.hessian(loss_fn, params, data)
+        assert H.hvp_method == "linearized"
+        v = rng.standard_normal(H.shape[0])
+        for _ in range(2):
+            assert np.linalg.norm(H.matvec(v) - D @ v) <= 1e-10 * np.linalg.norm(D @ v)
+        assert H.cache_batches == 3 and H.cache_bytes > 0
+        per_batch = H.cache_bytes // 3
+        small = pj.hessian(loss_fn, params, data, cache=int(1.5 * per_batch))
+        assert np.linalg.norm(small.matvec(v) - D @ v) <= 1e-10 * np.linalg.norm(D @ v)
+        assert small.cache_batches == 1 and small.cache_bytes <= small.cache_budget
+        off = pj.hessian(loss_fn, params, data, cache=False)
+        assert off.hvp_method == "forward-over-reverse" and off.cache_batches == 0
+        lam = pycurv.sharpness(H, tol=1e-10, seed=0)
+        assert H.cache_batches == 0  # released when the solve ends
+        assert lam == pytest.approx(np.linalg.eigvalsh(D)[-1], rel=1e-10)
+        with pytest.raises(ValueError, match="hvp must be 'auto'"):
+            pj.hessian(loss_fn, params, data, hvp="reverse")

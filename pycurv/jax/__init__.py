@@ -9,8 +9,10 @@ and :func:`pycurv.sharpness`::
     H = pycurv.jax.hessian(loss_fn, params, (x, y))
     lam1 = pycurv.sharpness(H, tol=1e-4, seed=0)
 
-Each product is ``jax.jit(jax.jvp(jax.grad(f)))`` (forward-over-reverse) of
-``f(flat) = loss_fn(unravel(flat), batch)`` with ``jax.flatten_util.ravel_pytree``;
+Each batch's gradient of ``f(flat) = loss_fn(unravel(flat), batch)`` is
+linearised once per solve (``jax.linearize``, jitted) and every product applies
+the linearisation (past a memory budget, ``jax.jvp(jax.grad(f))`` in every
+product); ``jax.flatten_util.ravel_pytree`` flattens the parameters, and
 ``params`` may be any pytree of floating-point arrays. Products run on the
 parameters' device in their dtype (float32 without ``jax_enable_x64``), or in
 ``dtype=`` when asked; only the float64 Lanczos vector crosses to the host.

@@ -26,6 +26,8 @@ def hessian(
     mesh=None,
     data_axis: Optional[str] = None,
     shard_basis: bool = False,
+    hvp: str = "auto",
+    cache=None,
 ) -> HessianOperator:
     """The Hessian of ``loss_fn`` over ``data`` at ``params``, as a pycurv operator.
 
@@ -69,10 +71,20 @@ def hessian(
         the mesh (``shard_bounds``); :func:`pycurv.lanczos` then drives one core
         state per shard and sums their dot products, as ranks of a process group
         would. Same eigenvalues as the replicated basis.
+    hvp : {"auto", "forward"}
+        ``"auto"``: each batch's gradient is linearised once (``jax.linearize``,
+        jitted) and every product applies the linearisation, without redoing
+        the forward pass; batches past the ``cache`` budget, and ``"forward"``,
+        compute ``jvp(grad)`` in every product. ``H.hvp_method`` says which.
+    cache : int, bool or None
+        Budget in bytes for the linearisations' residuals: default a quarter of
+        the free memory of the device; False or 0 caches nothing.
+        ``H.cache_batches`` and ``H.cache_bytes`` say what is held; the solver
+        releases it when a solve ends.
     """
     return HessianOperator(loss_fn, params, data, preconditioner=preconditioner, dtype=dtype, reduction=reduction,
                            check_determinism=check_determinism, probe_rtol=probe_rtol, l2=l2, jit=jit, mesh=mesh,
-                           data_axis=data_axis, shard_basis=shard_basis)
+                           data_axis=data_axis, shard_basis=shard_basis, hvp=hvp, cache=cache)
 
 
 def sharpness(loss_fn: Callable, params, data, *, tol: Optional[float] = None, seed: int = 0, v0=None,

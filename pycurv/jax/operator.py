@@ -1,7 +1,8 @@
 """The Hessian of a JAX loss as a pycurv operator: :class:`HessianOperator`.
 
-Products are jitted ``jax.jvp(jax.grad(f))`` of the loss over the raveled
-parameter vector, compiled once per loss function and parameter layout.
+Products apply each batch's jitted ``jax.linearize`` of the gradient (built
+once per solve, under a memory budget), or jitted ``jax.jvp(jax.grad(f))``,
+over the raveled parameter vector, compiled once per loss function and layout.
 """
 
 from __future__ import annotations
@@ -88,10 +89,9 @@ class HessianOperator(HVPOperator):
     """
 
     framework = "jax"
-    hvp_method = "forward-over-reverse"
 
     def __init__(self, loss_fn, params, data, *, preconditioner, dtype, reduction, check_determinism, probe_rtol,
-                 l2, jit, mesh=None, data_axis=None, shard_basis=False):
+                 l2, jit, mesh=None, data_axis=None, shard_basis=False, hvp="auto", cache=None):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(params, batch) -> scalar, got {type(loss_fn).__name__}")
         self.reduction = _adapter.check_reduction(reduction)
@@ -140,7 +140,16 @@ class HessianOperator(HVPOperator):
         self.l2 = float(l2)
         self._allreduce: Optional[Callable] = None  # hook for multi-process sums (scale-out)
 
-        self._batch_loss, self._batch_hvp, self._batch_grad = _compiled(loss_fn, cast, self.jax_dtype, jit)
+        (self._batch_loss, self._batch_hvp, self._batch_grad, self._linearize,
+         self._apply) = _compiled(loss_fn, cast, self.jax_dtype, jit)
+        if hvp not in ("auto", "forward"):
+            raise ValueError(f"hvp must be 'auto' (jax.linearize once per batch, cached) or 'forward' "
+                             f"(jvp of grad in every product), got hvp={hvp!r}")
+        self.cache_budget = _cache_budget(cache, self._jax_device)
+        self.hvp_method = "linearized" if hvp == "auto" and self.cache_budget > 0 else "forward-over-reverse"
+        self._cache: list = []  # per batch: the linearised gradient (a jax.tree_util.Partial), or None
+        self._cache_full = False
+        self._bypass_cache = False
 
         self.preconditioned = preconditioner is not None
         self.preconditioner_diagonal = None
@@ -257,11 +266,55 @@ class HessianOperator(HVPOperator):
         return sum((_leading(b) or 1) for b in source)
 
     # -- products ----------------------------------------------------------
+    # -- cached linearisations -----------------------------------------------
+    def _linearised(self, index: int, batch):
+        """Batch ``index``'s gradient linearised at the parameters (jitted), built now if the budget allows."""
+        if index < len(self._cache):
+            return self._cache[index]
+        if self._cache_full:
+            self._cache.append(None)
+            return None
+        lin = self._linearize(self._flat, batch)
+        if self.cache_bytes + _nbytes(lin) > self.cache_budget:
+            self._cache_full = True
+            self._cache.append(None)
+            return None
+        self._cache.append(lin)
+        return lin
+
+    def _batch_product(self, index: int, v, batch):
+        if self.hvp_method == "linearized" and not self._bypass_cache:
+            lin = self._linearised(index, batch)
+            if lin is not None:
+                return self._apply(lin, v)
+        return self._batch_hvp(self._flat, v, batch)
+
+    @property
+    def cache_batches(self) -> int:
+        return sum(1 for e in self._cache if e is not None)
+
+    @property
+    def cache_bytes(self) -> int:
+        return int(sum(_nbytes(e) for e in self._cache if e is not None))
+
+    def release(self) -> None:
+        """Frees the cached linearisations (the solver calls it when a solve ends)."""
+        self._cache = []
+        self._cache_full = False
+
+    def _probe_hvp(self, v):
+        self._bypass_cache = True
+        try:
+            return self.hvp(v)
+        finally:
+            self._bypass_cache = False
+
+    # -- products ----------------------------------------------------------
     def _raw_hvp(self, v):
         total = None
         count = 0
-        for batch, n_b in self.batches():
-            hv = self._batch_hvp(self._flat, v, batch)
+        for i, (batch, n_b) in enumerate(self.batches()):
+            hv = self._batch_product(i, v, batch)
             w = _adapter.batch_weight(self.reduction, n_b)
             total = hv * w if total is None else total + hv * w
             count += n_b
@@ -299,8 +352,8 @@ class HessianOperator(HVPOperator):
     def batch_hvps(self, v) -> Iterator[Tuple[int, Any]]:
         """Yields ``(n_samples, A_b v)`` per batch, A_b the Hessian of the batch's mean loss."""
         x = v * self._scale if self._scale is not None else v
-        for batch, n_b in self.batches():
-            hv = self._batch_hvp(self._flat, x, batch)
+        for i, (batch, n_b) in enumerate(self.batches()):
+            hv = self._batch_product(i, x, batch)
             if self.reduction == "sum":
                 hv = hv / n_b
             if self.l2:
@@ -363,6 +416,43 @@ def _compiled(loss_fn, params, dtype, jit: bool):
     def batch_grad(p, batch):
         return jax.grad(lambda q: batch_loss(q, batch))(p)
 
+    def linearize(p, batch):
+        # The residuals of the forward pass are the Partial's leaves: jitted, it is built once per
+        # batch and applied by one compiled function for every batch.
+        return jax.linearize(lambda q: batch_grad(q, batch), p)[1]
+
+    def apply(lin, v):
+        return lin(v)
+
     wrap = jax.jit if jit else (lambda f: f)
-    per_fn[key] = fns = (wrap(batch_loss), wrap(batch_hvp), wrap(batch_grad))
+    per_fn[key] = fns = (wrap(batch_loss), wrap(batch_hvp), wrap(batch_grad), wrap(linearize), wrap(apply))
     return fns
+
+
+def _nbytes(tree) -> int:
+    return int(sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree_util.tree_leaves(tree)))
+
+
+def _cache_budget(cache, device) -> int:
+    """Bytes of linearisations an operator may hold: ``cache`` as given, or a quarter of the free memory."""
+    if cache is False:
+        return 0
+    if cache is not None and cache is not True:
+        if isinstance(cache, bool) or not isinstance(cache, numbers.Real) or not cache >= 0 or not math.isfinite(cache):
+            raise ValueError(f"cache must be True, False, None (a quarter of the free memory) or a budget in bytes "
+                             f">= 0, got cache={cache!r}")
+        return int(cache)
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - CPU devices and some backends report nothing
+        stats = None
+    if stats and "bytes_limit" in stats:
+        return int(max(0, stats["bytes_limit"] - stats.get("bytes_in_use", 0)) // 4)
+    try:
+        import os
+
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        free = 8 * 2**30
+    return int(free // 4)
