@@ -10,6 +10,7 @@ and assembles the result record.
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Callable, Optional
 
@@ -188,11 +189,40 @@ def _solve(op, k, *, which, tol, ncv, max_matvecs, v0, seed, return_eigenvectors
         state = core.LanczosState(**options)
         if v0 is not None:
             state.start_vector()[:] = v0
-        timing = drive(state, op.matvec, n_local, reduce=comm.allreduce_sum if sharded else None,
-                       learn_dtype=learn, callback=callback, comm=comm)
+        with _core_threads(op):
+            timing = drive(state, op.matvec, n_local, reduce=comm.allreduce_sum if sharded else None,
+                           learn_dtype=learn, callback=callback, comm=comm)
         as_array = np.asarray
     return collect(state, timing, which=which, tol=tol, ncv=ncv, seed=seed, max_matvecs=max_matvecs,
                    want_vectors=return_eigenvectors, as_array=as_array)
+
+
+class _core_threads:
+    """The core's OpenMP team, sized so it does not fight an operator's own host threads.
+
+    A framework operator on the CPU (torch's intra-op pool, XLA's) declares
+    ``host_threads``, the threads its products run on, the calling thread
+    included. The two runtimes take turns, but each one's workers spin for a
+    while after their parallel regions, and on a busy machine a thread that
+    loses its core stalls a whole team at the next barrier. Both teams include
+    the calling thread, so the core takes the cores the framework's workers
+    leave: cpu_count - host_threads + 1, at least one. Operators without
+    ``host_threads`` change nothing.
+    """
+
+    def __init__(self, op):
+        host = getattr(op, "host_threads", None)
+        self.n = None if host is None else max(1, (os.cpu_count() or 1) - int(host) + 1)
+
+    def __enter__(self):
+        if self.n is not None:
+            self.before = int(core.build_info()["max_threads"])
+            core.set_num_threads(min(self.n, self.before))
+
+    def __exit__(self, *exc):
+        if self.n is not None:
+            core.set_num_threads(self.before)
+        return False
 
 
 def _agree(comm, seed: int, v0, n_local: int, sharded: bool):

@@ -199,3 +199,29 @@ def test_an_operation_without_a_second_derivative_is_named():
     with pytest.raises(RuntimeError, match=r"the loss uses aten::_scaled_dot_product_flash_attention_for_cpu_backward, "
                                            r"which has no derivative .*attn_implementation='eager'"):
         pt.sharpness(model, F.cross_entropy, (x, y))
+
+
+def test_the_core_leaves_torch_its_cores_during_a_solve():
+    import os
+
+    model = tm.mlp_tanh()
+    batch = tm.classification_batches([16])[0]
+    before = pycurv.build_info()["max_threads"]
+    seen = []
+
+    def watch(info):
+        seen.append(pycurv.build_info()["max_threads"])
+
+    H = pt.hessian(model, F.cross_entropy, batch)
+    assert H.host_threads == torch.get_num_threads()
+    pycurv.lanczos(H, 1, tol=1e-8, seed=0, callback=watch)
+    expected = min(before, max(1, (os.cpu_count() or 1) - torch.get_num_threads() + 1))
+    assert seen and set(seen) == {expected}
+    assert pycurv.build_info()["max_threads"] == before
+    torch.set_num_threads(2)  # with a worker of torch's on the other core, the core keeps to one
+    try:
+        seen.clear()
+        pycurv.lanczos(pt.hessian(model, F.cross_entropy, batch), 1, tol=1e-8, seed=0, callback=watch)
+        assert set(seen) == {min(before, max(1, (os.cpu_count() or 1) - 1))}
+    finally:
+        torch.set_num_threads(1)

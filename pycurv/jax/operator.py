@@ -290,6 +290,13 @@ class HessianOperator(HVPOperator):
         return self._batch_hvp(self._flat, v, batch)
 
     @property
+    def host_threads(self):
+        """XLA's CPU backend uses every core: on the CPU the solver's core then takes one thread."""
+        import os
+
+        return (os.cpu_count() or 1) if self._jax_device.platform == "cpu" else None
+
+    @property
     def cache_batches(self) -> int:
         return sum(1 for e in self._cache if e is not None)
 

@@ -459,6 +459,11 @@ class HessianOperator(HVPOperator):
         return entry
 
     @property
+    def host_threads(self):
+        """torch's intra-op threads when the products run on the CPU (the solver leaves them those cores)."""
+        return torch.get_num_threads() if self.torch_device.type == "cpu" else None
+
+    @property
     def cache_batches(self) -> int:
         return sum(1 for e in self._cache if e is not None)
 
