@@ -188,12 +188,75 @@ def gpu_lambda_table(benches):
     return "\n".join(out).rstrip()
 
 
+PEER_TOOLS = ("pycurv", "pyhessian", "eigenthings", "curvlinops", "scipy")
+PEER_LABELS = {"pycurv": "pycurv", "pyhessian": "PyHessian", "eigenthings": "hessian-eigenthings",
+               "curvlinops": "curvlinops + eigsh", "scipy": "scipy eigsh + double backward"}
+
+
+def peers_table(benches):
+    """test_bench_peers.py: one table, a block of rows per model, with each model's references above it."""
+    rows = [b["extra_info"] for b in benches if "peer_tool" in b["extra_info"]]
+    if not rows:
+        return ""
+    by_model = defaultdict(list)
+    for e in rows:
+        by_model[e["model"]].append(e)
+    e0 = rows[0]
+    out = [f"Scale {e0['scale']:g}; every run in its own process with {e0['torch_threads']} torch, OpenMP and BLAS "
+           f"thread(s); product cap {e0['max_hvps']}; "
+           "λ1 of the function each tool measures, errors against its float64 reference. "
+           "HVPs: every product the tool computed (pycurv: `H.n_hvps`, its determinism probe's included; "
+           "curvlinops: its determinism check's two included); s/HVP: time inside the products over their number; "
+           "total s: building the operator to the answer; peak MB: ru_maxrss of the run's own process "
+           "(in parentheses, the part above the baseline after imports, model and data).", ""]
+    for model, es in by_model.items():
+        ref = es[0]
+        refs = "; ".join(f"{_PEER_FN.get(k, k)}: λ1 = {f['lambda1']:.8g}, λmin = {f['lambda_min']:.6g}"
+                         for k, f in ref["ref_functions"].items())
+        out.append(f"- **{model}**: {ref['description']}; {ref['n_params']:,} parameters. Reference "
+                   f"({ref['ref_method']}): {refs}.")
+    out += ["", "| model | tool | setting | function measured | λ1 | rel. error | end | HVPs | s/HVP | total s | "
+            "peak MB | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = {t: i for i, t in enumerate(PEER_TOOLS)}
+    for model, es in by_model.items():
+        for e in sorted(es, key=lambda e: (order.get(e["peer_tool"], 99), e["config"])):
+            tool = PEER_LABELS.get(e["peer_tool"], e["peer_tool"])
+            if e.get("version"):
+                tool += f" {e['version']}"
+            peak = e.get("peak_mb")
+            mem = "–" if peak is None else f"{peak:.0f}"
+            if peak is not None and e.get("baseline_mb") is not None:
+                mem += f" (+{peak - e['baseline_mb']:.0f})"
+            if "error" in e or e.get("value") is None:
+                out.append(f"| {model} | {tool} | {e['config']} | {e['function']} | **failed** | – | – | – | – | "
+                           f"{e.get('seconds', float('nan')):.2f} | {mem} | {_sentence(e.get('error', 'no value'))} |")
+                continue
+            err = e.get("relative_error")
+            err_s = "–" if err is None else f"{err:.1e}"
+            end = e.get("end", "–")
+            end_s = end if end == "top" else f"**{end}**"
+            conv = "" if e.get("converged", True) else "not converged; "
+            out.append(f"| {model} | {tool} | {e['config']} | {e['function']} | {e['value']:.8g} | {err_s} | {end_s} | "
+                       f"{e['hvps']} | {e['hvp_seconds']:.4f} | {e['seconds']:.2f} | {mem} | "
+                       f"{conv}{e.get('note', '')} |")
+    return "\n".join(out)
+
+
+_PEER_FN = {"batch_stats": "train mode (batch stats)", "eval": "eval mode (running stats)", "loss": "the loss"}
+
+
+def _sentence(text, limit=160):
+    first = text.split(". ")[0]
+    return first if len(first) <= limit else first[:limit - 1] + "…"
+
+
 def main(path):
     data = json.load(open(path))
     benches = data["benchmarks"]
     print(f"Machine: {_machine(data)}\n")
     for table in (lanczos_table(benches), roofline_table(benches), torch_table(benches),
-                  distributed_table(benches), gpu_roofline_table(benches), gpu_lambda_table(benches)):
+                  distributed_table(benches), gpu_roofline_table(benches), gpu_lambda_table(benches),
+                  peers_table(benches)):
         if table:
             print(table + "\n")
 
