@@ -148,16 +148,22 @@ def test_shuffled_dataloader_is_one_fixed_epoch_and_left_as_it_was():
     gen = torch.Generator().manual_seed(7)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.double(), y), batch_size=16,
                                          shuffle=True, drop_last=True, generator=gen)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x0, y0 = _images(16, 5)
+    F.cross_entropy(model(x0.double()), y0).backward()
+    opt.step()
     gen_state, rng_state = gen.get_state(), torch.get_rng_state()
-    before = tm.snapshot(model)
+    before = tm.snapshot(model, opt)
 
     H = pt.hessian(model, F.cross_entropy, loader)  # the determinism probe runs at the first product
     lam = pycurv.sharpness(H, tol=1e-10, seed=0)
     assert H.last_probe is not None and H.last_probe < 1e-12
     assert "2 fixed batches of a shuffled DataLoader (one epoch, replayed), 32 samples" in H.function
-    # Nothing of the user's changed: the loader's generator, torch's RNG, the model.
+    rep = pt.stability_report(model, F.cross_entropy, loader, opt, tol=1e-8)
+    assert rep.quantity == "preconditioned_sharpness" and "shuffled DataLoader" in rep.function
+    # Nothing of the user's changed: the loader's generator, torch's RNG, the model, the optimizer.
     assert torch.equal(gen.get_state(), gen_state) and torch.equal(torch.get_rng_state(), rng_state)
-    tm.assert_same(before, tm.snapshot(model))
+    tm.assert_same(before, tm.snapshot(model, opt))
 
     # The epoch the operator replays is the one the user's loader draws next.
     epoch = list(loader)
