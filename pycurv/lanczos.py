@@ -67,7 +67,7 @@ def lanczos(
     tol : float
         Relative residual tolerance: a pair (theta, y) is converged when
         ``||A y - theta y|| <= tol * max(|theta|, ||A||_est)``, with
-        ``||A||_est`` the largest |Ritz value| seen.
+        ``||A||_est`` the largest Ritz value in absolute value seen.
     ncv : int, optional
         Basis vectors kept (memory: 8 * n * (ncv + 1) bytes). Default
         ``min(n, max(2k + 1, 32))``; must satisfy k + 2 <= ncv <= n (ncv = n

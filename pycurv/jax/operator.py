@@ -74,7 +74,7 @@ class HessianOperator(HVPOperator):
     """The Hessian of a JAX loss (optionally preconditioned) as a pycurv operator.
 
     Built by :func:`hessian`. ``matvec`` takes and returns float64 NumPy vectors;
-    ``hvp`` takes and returns flat ``jax.Array``s in :attr:`jax_dtype`.
+    ``hvp`` takes and returns flat ``jax.Array`` vectors in :attr:`jax_dtype`.
 
     Attributes
     ----------

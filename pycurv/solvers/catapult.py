@@ -54,8 +54,8 @@ class PersistentCatapultWarmup:
     max_evals : int
         Forward passes allowed per search.
 
-    Use
-    ---
+    Notes
+    -----
     Call :meth:`step` once per training step, before the optimizer step::
 
         sched = PersistentCatapultWarmup(lr_target=0.5)

@@ -188,7 +188,7 @@ def bisect_critical_lr(step_loss: StepLoss, lower, upper, *, delta=0.1, loss0=No
 
 def critical_lr(step_loss: StepLoss, *, lr0=1e-4, factor=2.0, delta=0.1, lr_target=None,
                 loss0=None, max_evals: int = 200) -> CriticalLR:
-    """Estimate the critical learning rate η_c from forward passes (Alg. 1 then Alg. 2).
+    """Estimate the critical learning rate η_c from forward passes (Algorithm 1, then Algorithm 2).
 
     Parameters
     ----------

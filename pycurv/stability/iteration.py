@@ -43,7 +43,7 @@ _TINY = 1e-300
 
 
 def spectral_radius(matrix) -> float:
-    """ρ(M) = max |eigenvalue| of a square matrix (a scalar counts as 1×1)."""
+    """ρ(M), the largest modulus of the eigenvalues of a square matrix (a scalar counts as 1×1)."""
     m = np.atleast_2d(np.asarray(matrix, dtype=np.float64))
     if m.ndim != 2 or m.shape[0] != m.shape[1]:
         raise ValueError(f"an iteration matrix must be square, got shape {m.shape}")

@@ -44,7 +44,7 @@ def noise_scale_from_gradients(per_example_gradients) -> float:
 
 
 def noise_scale_from_batch_norms(batch_small, norm_sq_small, batch_big, norm_sq_big) -> float:
-    """B_simple from squared gradient norms measured at two batch sizes (McCandlish et al., App. A.1).
+    """B_simple from squared gradient norms measured at two batch sizes, as in Appendix A.1 of McCandlish et al.
 
     E‖G_B‖² = ‖G‖² + tr(Σ)/B, so two batch sizes give unbiased estimates
     ‖G‖² = (B_big‖G_big‖² − B_small‖G_small‖²)/(B_big − B_small) and

@@ -294,7 +294,7 @@ def iteration_matrix(optimizer: str, sharpness, lr, **hyperparameters) -> np.nda
       M = [[1 − η(1 − d)ℓ, −ηβ], [(1 − d)ℓ, β]].
     - SGD Nesterov (b ← βb + g, θ ← θ − η(g + βb)): state (θ, b),
       M = [[1 − η(1 + β)ℓ, −ηβ²], [ℓ, β]]; trace 1 + β − η(1 + β)ℓ, determinant β(1 − ηℓ),
-      so ρ ≤ 1 iff ηℓ ≤ (2 + 2β)/(1 + 2β) (the −1 crossing binds before |det| = 1).
+      so ρ ≤ 1 iff ηℓ ≤ (2 + 2β)/(1 + 2β) (the −1 crossing binds before ``|det| = 1``).
     - Adam/AdamW (m ← β1 m + (1 − β1)g, u ← (1 − η·wd_decoupled)u − η P^{-1/2} m): state (u, n),
       n = P^{-1/2}m, M = [[1 − η·wd − η(1 − β1)λ, −ηβ1], [(1 − β1)λ, β1]], wd = 0 for Adam.
     - RMSprop: as SGD heavy ball with d = 0 (or as SGD when momentum = 0), in u-coordinates.
