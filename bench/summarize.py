@@ -245,6 +245,40 @@ def peers_table(benches):
 _PEER_FN = {"batch_stats": "train mode (batch stats)", "eval": "eval mode (running stats)", "loss": "the loss"}
 
 
+def products_table(benches):
+    """test_bench_products.py: ms per product interleaved, whole solves, JAX linearised against jvp(grad)."""
+    steady = [b["extra_info"] for b in benches if b["name"].startswith("test_steady_state_products")]
+    solves = [b["extra_info"] for b in benches if b["name"].startswith("test_whole_solves")]
+    jx = [b["extra_info"] for b in benches if b["name"].startswith("test_jax_linearised")]
+    out = []
+    if steady:
+        out += ["Per product, steady state (ms, medians, interleaved with the order rotated):", "",
+                "| model | parameters | pycurv | pycurv forward | double backward | cached double backward | "
+                "pycurv / cached | cache MiB |", "|---|---|---|---|---|---|---|---|"]
+        for e in steady:
+            m = e["median_ms"]
+            out.append(f"| {e['model']} | {e['n']:,} | {m['pycurv']:.1f} | {m['pycurv forward']:.1f} | "
+                       f"{m['double backward']:.1f} | {m['cached double backward']:.1f} | "
+                       f"**{e['ratio_to_cached']:.2f}** | {e['cache_mib']:.0f} |")
+    if solves:
+        out += ["", "Whole solves from scratch (medians, s):", "",
+                "| model | pycurv (build + lanczos) | cached loop, same products | ratio | pycurv: build | core | "
+                "Lanczos products | HVPs incl. probe |", "|---|---|---|---|---|---|---|---|"]
+        for e in solves:
+            out.append(f"| {e['model']} | {e['pycurv_s']:.3f} | {e['cached_loop_s']:.3f} | **{e['ratio']:.2f}** | "
+                       f"{e['build_s']:.3f} | {e['time_core_s']:.3f} | {e['lanczos_matvecs']:.0f} | "
+                       f"{e['pycurv_products']:.0f} |")
+    if jx:
+        out += ["", "JAX, jitted, CPU (ms per product, medians, interleaved):", "",
+                "| model | parameters | linearised (default) | jvp(grad) | ratio | linearisation MiB |",
+                "|---|---|---|---|---|---|"]
+        for e in jx:
+            m = e["median_ms"]
+            out.append(f"| {e['model']} | {e['n']:,} | {m['linearized']:.2f} | {m['jvp(grad)']:.2f} | "
+                       f"**{e['ratio']:.2f}** | {e['cache_mib']:.1f} |")
+    return "\n".join(out)
+
+
 def _sentence(text, limit=160):
     first = text.split(". ")[0]
     return first if len(first) <= limit else first[:limit - 1] + "…"
@@ -256,7 +290,7 @@ def main(path):
     print(f"Machine: {_machine(data)}\n")
     for table in (lanczos_table(benches), roofline_table(benches), torch_table(benches),
                   distributed_table(benches), gpu_roofline_table(benches), gpu_lambda_table(benches),
-                  peers_table(benches)):
+                  peers_table(benches), products_table(benches)):
         if table:
             print(table + "\n")
 

@@ -503,9 +503,9 @@ class HessianOperator(HVPOperator):
             for i, inputs, targets, n_b in self._items(method):
                 with self._rng(i):
                     parts = self._batch_product(i, tangents, inputs, targets, n_b, method)
-                flat = self._flatten(parts)
+                flat = self._flatten(parts)  # a new tensor: scaled in place
                 w = _adapter.batch_weight(self.reduction, n_b)
-                total = flat * w if total is None else total.add_(flat, alpha=w)
+                total = flat.mul_(w) if total is None else total.add_(flat, alpha=w)
                 count += n_b
         except (RuntimeError, NotImplementedError) as exc:
             raise _second_derivative_error(exc) from exc
@@ -534,7 +534,7 @@ class HessianOperator(HVPOperator):
                 "must see the same data set (a DataLoader with drop_last=True and shuffle=True does not)"
             )
         self.n_samples = count
-        total = total / count
+        total = total.div_(count)
         if self.l2:
             total = total.add_(v, alpha=self.l2)
         return total
@@ -662,14 +662,12 @@ class _Linearised:
         self.nbytes = _graph_bytes(self.grads, exclude=op._params.values()) if measure else 0
 
     def product(self, tangents: Dict[str, Any]) -> list:
-        hv = [torch.zeros_like(v) for v in self.leaves]
-        if self.live:
-            with torch.enable_grad():
-                out = torch.autograd.grad(self.grads, self.leaves,
-                                          grad_outputs=[tangents[self.names[i]] for i in self.live],
-                                          retain_graph=True, allow_unused=True)
-            hv = [torch.zeros_like(v) if o is None else o.detach() for o, v in zip(out, self.leaves)]
-        return hv
+        if not self.live:
+            return [torch.zeros_like(v) for v in self.leaves]
+        with torch.enable_grad():
+            out = torch.autograd.grad(self.grads, self.leaves, grad_outputs=[tangents[self.names[i]] for i in self.live],
+                                      retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(v) if o is None else o for o, v in zip(out, self.leaves)]
 
 
 _SAVED_NAMES: Dict[type, Tuple[str, ...]] = {}
