@@ -100,9 +100,13 @@ def nonfinite_error(y, count: int, comm=None) -> NonFiniteMatvecError:
             matvec=count,
         )
     if y is not None:
+        # Products are scaled by a power of two fixed at the first nonzero one, so
+        # only a product some 1e150 times larger than that one overflows here.
         return NonFiniteMatvecError(
-            f"matvec call {count} returned values whose norm overflows float64 "
-            f"(max |A v| = {float(np.max(np.abs(np.asarray(y)))):.3g}); rescale the operator",
+            f"matvec call {count} returned values whose norm overflows float64 even after scaling "
+            f"(max |A v| = {float(np.max(np.abs(np.asarray(y)))):.3g}): the operator's products span more than "
+            "float64's range (over 1e150 apart) from the first nonzero one; rescale the operator or start "
+            "from a vector it does not nearly annihilate",
             matvec=count,
         )
     return NonFiniteMatvecError(f"matvec call {count} returned non-finite values", matvec=count)
@@ -163,8 +167,8 @@ def _error_bounds(values: np.ndarray, res: np.ndarray, ritz: np.ndarray) -> np.n
         others = np.abs(ritz - v)
         others = np.delete(others, int(np.argmin(others))) if others.size else others
         gap = float(np.min(others)) if others.size else np.inf
-        if gap > 0:
-            out[i] = min(r, r * r / gap)
+        if gap > 0 and r < gap:  # r * (r / gap): r * r alone overflows for r near 1e160
+            out[i] = r * (r / gap)
     return out
 
 

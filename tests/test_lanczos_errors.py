@@ -186,9 +186,15 @@ def test_inf_from_matvec(a):
         pycurv.lanczos(mv, n=30, seed=0)
 
 
-def test_overflowing_matvec(a):
-    with pytest.raises(pycurv.NonFiniteMatvecError, match="norm overflows float64"):
-        pycurv.lanczos(lambda x: 1e300 * (a @ x) + 1e300, n=30, seed=0)
+def test_huge_matvec_is_scaled_not_refused(a):
+    # Products near 1e300 are scaled by a power of two before any square is taken.
+    assert pycurv.sharpness(lambda x: 1e300 * (a @ x), n=30, tol=1e-10, seed=0) == pytest.approx(2e300, rel=1e-12)
+
+
+def test_overflowing_matvec():
+    # Only products that span more than float64's range from the first nonzero one overflow.
+    with pytest.raises(pycurv.NonFiniteMatvecError, match="norm overflows float64 even after scaling"):
+        pycurv.lanczos(lambda x: np.array([1e-300 * x[0], 1e300 * x[1]]), n=2, v0=np.array([1.0, 0.0]), seed=0)
 
 
 def test_wrong_shape_from_matvec(a):
