@@ -103,7 +103,7 @@ def lanczos_sharded(matvec: Callable, bounds, k: int = 1, *, which: str = "LA", 
             break
     timing = {"matvec": t_mv, "core": t_core, "total": time.perf_counter() - t_start}
     res = collect(states[0], timing, which=which, tol=tol, ncv=ncv, seed=seed, max_matvecs=max_matvecs,
-                  want_vectors=False)
+                  want_vectors=False, exact=bool(exact))
     if return_eigenvectors:
         vecs = np.concatenate([np.asarray(st.eigenvectors()).T for st in states], axis=0)
         res = dataclasses.replace(res, eigenvectors=vecs)

@@ -67,7 +67,11 @@ def lanczos(
     tol : float
         Relative residual tolerance: a pair (theta, y) is converged when
         ``||A y - theta y|| <= tol * max(|theta|, ||A||_est)``, with
-        ``||A||_est`` the largest Ritz value in absolute value seen.
+        ``||A||_est`` the largest Ritz value in absolute value seen. Below
+        ``64 * sqrt(n) * 2**-53`` the recurrence's residual estimate cannot
+        certify it, so it is confirmed with ``A y`` computed (k more
+        products); where float64 rounding keeps it out of reach the status is
+        ``"noise_floor"``.
     ncv : int, optional
         Basis vectors kept (memory: 8 * n * (ncv + 1) bytes). Default
         ``min(n, max(2k + 1, 32))``; must satisfy k + 2 <= ncv <= n (ncv = n
@@ -194,7 +198,7 @@ def _solve(op, k, *, which, tol, ncv, max_matvecs, v0, seed, return_eigenvectors
                            learn_dtype=learn, callback=callback, comm=comm)
         as_array = np.asarray
     return collect(state, timing, which=which, tol=tol, ncv=ncv, seed=seed, max_matvecs=max_matvecs,
-                   want_vectors=return_eigenvectors, as_array=as_array)
+                   want_vectors=return_eigenvectors, as_array=as_array, exact=bool(op.exact))
 
 
 class _core_threads:

@@ -319,6 +319,15 @@ def test_start_vector_on_the_device_at_any_scale(fill):
     assert res.converged and res.eigenvalues[0] == pytest.approx(49.0, rel=1e-12, abs=0)
 
 
+def test_impossible_tolerance_is_a_noise_floor_on_the_device():
+    a = dense(np.r_[np.linspace(-1.0, 1.0, 99), 2.0], seed=1)
+    with pytest.warns(pycurv.ConvergenceWarning, match="rounding floor"):
+        res = pycurv.lanczos(HostMatrixOnGpu(a), 1, tol=1e-300, seed=0)
+    assert res.status == "noise_floor" and res.residuals_explicit
+    y = res.eigenvectors.numpy()[:, 0] if hasattr(res.eigenvectors, "numpy") else np.asarray(res.eigenvectors)[:, 0]
+    assert np.linalg.norm(a @ y - res.eigenvalues[0] * y) <= 1.01 * res.residual_norms[0]
+
+
 def test_callable_on_the_device_and_callback_stop():
     a = dense(np.linspace(0.0, 1.0, 100), seed=0)
     f = pycurv.FunctionOperator(lambda x: _on_device(a @ x.numpy()), 100, device="cuda:0")

@@ -4,7 +4,8 @@ Squared norms of vectors near 1e-160 underflow and near 1e160 overflow; a
 residual estimate that underflows to 0 reads as "converged". The core measures
 the first nonzero product with sums that cannot leave the float64 range and
 works on s A for a power of two s, so every scale from 1e-300 to 1e300 must
-give the answer it gives at 1.
+give the answer it gives at 1. A tolerance below what float64 can certify
+must end in ``noise_floor``, never in a "converged" whose residual is false.
 """
 
 from __future__ import annotations
@@ -118,6 +119,56 @@ def test_products_spanning_more_than_float64_are_named():
     with pytest.raises(pycurv.NonFiniteMatvecError, match=r"matvec call 2 returned values whose norm overflows "
                                                           r"float64 even after scaling \(max \|A v\| = 1e\+300\)"):
         pycurv.lanczos(a, v0=np.array([1.0, 0.0]), seed=0)
+
+
+# ---- item 2: a tolerance float64 cannot certify ----------------------------------------
+
+
+@pytest.mark.parametrize("s", SCALES, ids=IDS)
+def test_impossible_tolerance_is_a_noise_floor_at_every_scale(s):
+    base = dense(np.r_[-3.0, np.linspace(-1.0, 1.0, 117), 1.5, 2.0], seed=4)
+    a = s * base
+    with pytest.warns(pycurv.ConvergenceWarning, match="rounding floor"):
+        res = pycurv.lanczos(a, tol=1e-300, seed=0)
+    assert not res.converged and res.status == "noise_floor"
+    assert res.residuals_explicit
+    assert_honest(a, res, 1e-300)
+    assert res.eigenvalues[0] == pytest.approx(2.0 * s, rel=1e-13, abs=0)  # still the best float64 allows
+    with pytest.raises(pycurv.NoConvergence, match="rounding floor"):
+        pycurv.sharpness(a, tol=1e-300, seed=0)
+
+
+def test_impossible_tolerance_on_the_audit_matrix():
+    rng = np.random.default_rng(0)
+    b = rng.standard_normal((2000, 2000))
+    a = (b + b.T) / 2
+    with pytest.warns(pycurv.ConvergenceWarning) as rec:
+        res = pycurv.lanczos(a, tol=1e-300, seed=0)
+    msg = str(rec[0].message)
+    assert msg.startswith("stopped at float64's rounding floor: relative residual ")
+    assert "cannot reach tol=1e-300" in msg and "Loosen tol to about" in msg
+    assert res.status == "noise_floor" and not res.converged
+    assert res.residual_norms[0] > 0.0
+    true = np.linalg.norm(a @ res.eigenvectors[:, 0] - res.eigenvalues[0] * res.eigenvectors[:, 0])
+    assert true <= 1.01 * res.residual_norms[0] + 1e-12 * EPS
+    assert res.noise_level > 0.0
+
+
+def test_callable_with_an_impossible_tolerance_is_honest():
+    a = dense(np.r_[np.linspace(-1.0, 1.0, 99), 2.0], seed=1)
+    with pytest.warns(pycurv.ConvergenceWarning, match="noise floor"):
+        res = pycurv.lanczos(lambda v: a @ v, n=100, tol=1e-300, seed=0)
+    assert res.status == "noise_floor"
+    assert_honest(a, res, 1e-300)
+
+
+def test_tight_but_certifiable_tolerance_still_converges():
+    a = dense(np.r_[np.linspace(-1.0, 1.0, 199), 2.0], seed=2)
+    res = pycurv.lanczos(a, tol=1e-14, seed=0)  # below 64 sqrt(n) eps: confirmed on A itself
+    assert res.converged and res.residuals_explicit, res.message
+    assert_honest(a, res, 1e-14)
+    res = pycurv.lanczos(a, tol=1e-10, seed=0)  # the recurrence's estimate suffices
+    assert res.converged and not res.residuals_explicit
 
 
 # ---- item 4: any nonzero finite start vector ----------------------------------------------

@@ -74,6 +74,14 @@ struct Options {
   double unit_roundoff = 0x1p-53;  // of the arithmetic inside the matvec
 };
 
+// The smallest relative residual that the recurrence's estimate |f| |b^T s|
+// certifies on its own: the true residual differs from it by the rounding of
+// the product and of the basis, about sqrt(n) eps |A| (64 for a wide margin).
+// A tolerance below it is confirmed by residuals computed from A y.
+inline double certifiable_tol(int64_t n) {
+  return 64.0 * 0x1p-53 * std::sqrt(static_cast<double>(std::max<int64_t>(n, 1)));
+}
+
 // Raised when a reduced norm of A q is NaN or Inf.
 class NonFiniteError : public std::runtime_error {
  public:
@@ -105,6 +113,9 @@ class Lanczos {
     h_.assign(m + 2, 0.0);
     red_.assign(m + 2, 0.0);
     need_verify_ = o_.check_multiplicity && o_.k >= 2;
+    tol_est_ = std::max(o_.tol, certifiable_tol(o_.n_global));
+    if (o_.tol < tol_est_ && !o_.explicit_residuals)
+      throw std::invalid_argument("tol below certifiable_tol(n) needs explicit_residuals (see make_options)");
   }
 
   // ---- driver interface -------------------------------------------------
@@ -463,7 +474,7 @@ class Lanczos {
   double cand_rho(int c) const { return c < L_ ? lock_rho_[c] : rho_[c - L_]; }
   double scale_of(double v) const { return std::max(std::fabs(v), anorm_); }
   bool cand_converged(int c) const {
-    return cand_rho(c) <= est_safety_ * o_.tol * scale_of(cand_value(c));
+    return cand_rho(c) <= est_safety_ * tol_est_ * scale_of(cand_value(c));
   }
 
   // Orders candidates best first for `which` (for BE: alternately from the top
@@ -555,7 +566,7 @@ class Lanczos {
   // better than the worst locked wanted value by more than the tolerance.
   bool beats_locked(int w) const {
     const double v = cand_value(w);
-    const double tie = o_.tol * scale_of(v);
+    const double tie = tol_est_ * scale_of(v);
     bool beats = false;
     if (o_.which != Which::SA) {
       double worst = INFINITY;
@@ -581,7 +592,7 @@ class Lanczos {
     auto settled = [this](int c, double boundary) {
       const double v = cand_value(c);
       const double slack = std::isfinite(boundary) ? 0.1 * std::fabs(boundary - v) : 0.0;
-      return cand_rho(c) <= std::max(est_safety_ * o_.tol * scale_of(v), slack);
+      return cand_rho(c) <= std::max(est_safety_ * tol_est_ * scale_of(v), slack);
     };
     bool ok = true;
     if (o_.which != Which::SA) {  // top of the chain against the lowest locked high value
@@ -794,8 +805,22 @@ class Lanczos {
     // matvec is not the fixed symmetric operator the estimate assumes to this
     // accuracy (low-precision or non-deterministic arithmetic). Iterating
     // cannot go below that floor.
+    const bool more = ratio <= 10.0 && !stagnated_ && n_matvecs_ < o_.max_matvecs;
+    if (o_.tol < tol_est_) {
+      // A tolerance below what the recurrence certifies: iterate while the
+      // computed residual follows the estimate down; once the estimate falls
+      // below it (ratio > 10), rounding in float64 is the floor.
+      noise_ = worst;
+      if (more && n_checks_failed_ < 6) {
+        ++n_checks_failed_;
+        est_safety_ *= 0.01 / std::max(ratio, 1.0);
+        explicit_done_ = false;
+        select_wanted();
+        return continue_search();
+      }
+    }
     noise_ = std::max(noise_, worst);
-    if (ratio > 10.0 || stagnated_ || n_checks_failed_ >= 2 || n_matvecs_ >= o_.max_matvecs) {
+    if (!more || n_checks_failed_ >= 2) {
       vectors_ready_ = vectors_now;
       return finish(n_matvecs_ >= o_.max_matvecs && ratio <= 10.0 && !stagnated_ ? Status::MaxMatvecs
                                                                               : Status::NoiseFloor,
@@ -835,6 +860,7 @@ class Lanczos {
 
   Options o_;
   Basis* B_;
+  double tol_est_ = 0.0;  // tolerance for the recurrence's residual estimates: max(tol, certifiable_tol)
   bool scaled_ = false;   // the products' scale is known (a product was nonzero)
   int scale_exp_ = 0;     // products are read multiplied by 2^scale_exp_
   Pc pc_ = Pc::Start;
