@@ -18,6 +18,7 @@ import numpy as np
 
 from . import _checks, _gpu
 from ._drive import collect, drive
+from ._memory import basis_memory_error
 from ._native import WHICH_CODE, core
 from ._sharded import lanczos_sharded
 from .errors import ConvergenceWarning, NoConvergence
@@ -190,7 +191,10 @@ def _solve(op, k, *, which, tol, ncv, max_matvecs, v0, seed, return_eigenvectors
         timing = run.timing(state, timing)
         as_array = run.eigenvectors
     else:
-        state = core.LanczosState(**options)
+        try:
+            state = core.LanczosState(**options)
+        except MemoryError:
+            raise basis_memory_error(n_local, ncv, k, bool(return_eigenvectors)) from None
         if v0 is not None:
             state.start_vector()[:] = v0
         with _core_threads(op):

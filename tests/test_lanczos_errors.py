@@ -128,6 +128,16 @@ def test_seed(a):
         pycurv.lanczos(a, seed=-3)
 
 
+def test_basis_that_does_not_fit_names_its_bytes():
+    with pytest.raises(MemoryError, match=r"the Krylov basis does not fit in memory: 33 vectors of n=1000000000000 "
+                                          r"float64 need 8·n·\(ncv\+1\) = 264000000000000 bytes \(240 TiB\)"
+                                          r" plus 7.28 TiB for the 1 returned eigenvector\(s\)\. Lower ncv "
+                                          r"\(ncv=32 now; at least k \+ 2 = 3\)"):
+        pycurv.lanczos(lambda x: x, n=10**12, seed=0)
+    with pytest.raises(MemoryError, match=r"33 vectors of n=1000000000000 float64 need .*TiB\)\. Lower ncv"):
+        pycurv.lanczos(lambda x: x, n=10**12, seed=0, return_eigenvectors=False)
+
+
 def test_sharpness_rejects_k(a):
     with pytest.raises(TypeError, match="takes no k="):
         pycurv.sharpness(a, k=2)
