@@ -235,9 +235,9 @@ class _core_threads:
 
 def _agree(comm, seed: int, v0, n_local: int, sharded: bool):
     """Makes every rank start from the same place: rank 0's seed; rank 0's v0 (replicated) or every rank's shard."""
-    buf = np.array([seed % 2**63], dtype=np.int64)
+    buf = np.array([seed >> 32, seed & 0xFFFFFFFF], dtype=np.int64)  # a 64-bit seed in two int64 halves
     comm.broadcast(buf, root=0)
-    seed = int(buf[0])
+    seed = (int(buf[0]) << 32) | int(buf[1])
     have = comm.allreduce_max(1 if v0 is not None else 0)
     if sharded:
         if have and comm.allreduce_max(1 if v0 is None else 0):

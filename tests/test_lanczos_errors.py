@@ -126,6 +126,12 @@ def test_max_matvecs(a):
 def test_seed(a):
     with pytest.raises(ValueError, match="seed must be a non-negative integer, got seed=-3"):
         pycurv.lanczos(a, seed=-3)
+    with pytest.raises(ValueError, match=r"seed must be below 2\*\*64 \(seeds are 64-bit\), got seed=18446744073709551616"):
+        pycurv.lanczos(a, seed=2**64)
+    top = 2**64 - 1  # the largest seed is a seed of its own, not seed 0 or 2**63 - 1
+    r = pycurv.lanczos(a, seed=top)
+    assert r.seed == top and r.converged
+    assert not np.array_equal(r.history.value, pycurv.lanczos(a, seed=0).history.value)
 
 
 def test_basis_that_does_not_fit_names_its_bytes():
