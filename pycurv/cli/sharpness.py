@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any, Dict, Optional
 
-from ._common import CliError, emit_json, positive_float, positive_int
+from ._common import CliError, UserCodeError, emit_json, positive_float, positive_int
 from .stability import coefficient, nonnegative_float
 
 _OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
@@ -84,7 +84,8 @@ def _load(target: Optional[str]):
     if path.endswith(".py") or os.path.sep in path or os.path.isfile(path):
         if not os.path.isfile(path):
             raise CliError(f"no such file: {path}")
-        module = _import_file(path)
+        files = (path,)
+        module = _users(_import_file, path, files=files)
         where = path
     else:
         if not func:
@@ -92,9 +93,15 @@ def _load(target: Optional[str]):
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
         try:
-            module = importlib.import_module(path)
-        except ImportError as exc:
-            raise CliError(f"cannot import module {path!r}: {exc}") from None
+            spec = importlib.util.find_spec(path)
+        except ImportError as exc:  # a parent package that is missing (or fails, then it is theirs)
+            if not isinstance(exc, ModuleNotFoundError) or not path.startswith(str(exc.name)):
+                raise UserCodeError(exc) from exc
+            spec = None
+        if spec is None:
+            raise CliError(f"cannot import module {path!r}: no module named {path!r}")
+        files = (spec.origin,) if spec.origin and os.path.isfile(spec.origin) else ()
+        module = _users(importlib.import_module, path, files=files)  # an ImportError inside it is theirs
         where = path
     name = func or "setup"
     fn = getattr(module, name, None)
@@ -104,7 +111,17 @@ def _load(target: Optional[str]):
     if not callable(fn):
         raise CliError(f"{where} defines no function {name}() (and no model, loss_fn, data variables); "
                        "it must return model, loss_fn, data[, optimizer]")
-    return fn(), target
+    return _users(fn, files=files), target
+
+
+def _users(fn, *args, files=()):
+    """Runs the user's code: whatever it raises (sys.exit included) is reported as theirs, with their line."""
+    try:
+        return fn(*args)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - every failure of their code is theirs, SystemExit too
+        raise UserCodeError(exc, files) from exc
 
 
 def _is_windows_drive(target: str) -> bool:
