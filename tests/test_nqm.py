@@ -238,7 +238,7 @@ def test_a_search_that_does_not_fit_is_refused_with_its_bytes(monkeypatch):
 
 
 def test_scan_tables_stay_within_their_budget(monkeypatch):
-    """The per-learning-rate tables are dropped least recently used first, and the answers do not change."""
+    """Past the budget the per-learning-rate tables are built for each use, and the answers do not change."""
     import pycurv.stability.nqm as nqm
 
     model = NoisyQuadraticModel.zhang(300)

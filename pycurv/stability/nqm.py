@@ -30,7 +30,6 @@ batches, because its best learning rate sits at the stability limit 2/λ1.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -146,29 +145,28 @@ class NoisyQuadraticModel:
 
 
 class _RowsCache:
-    """The scan's per-learning-rate tables, least recently used dropped past a byte budget.
+    """The scan's per-learning-rate tables, kept while they fit in a byte budget.
 
     Without a bound they grew with every learning rate of the grid (2 KiB per
-    direction each): tens of GB at a million directions.
+    direction each): tens of GB at a million directions. The search visits the
+    learning rates in the same order for every batch size, so past the budget
+    a new table is used once and dropped rather than evicting an older one
+    (least-recently-used eviction would miss on every visit of such a cycle).
     """
 
     def __init__(self, budget: int):
         self.budget = int(budget)
-        self.entries: "OrderedDict[int, tuple]" = OrderedDict()
+        self.entries: dict = {}
         self.bytes = 0
 
     def get(self, key: int):
-        entry = self.entries.get(key)
-        if entry is not None:
-            self.entries.move_to_end(key)
-        return entry
+        return self.entries.get(key)
 
     def put(self, key: int, entry: tuple) -> None:
-        self.entries[key] = entry
-        self.bytes += sum(a.nbytes for a in entry)
-        while self.bytes > self.budget and len(self.entries) > 1:
-            _, old = self.entries.popitem(last=False)
-            self.bytes -= sum(a.nbytes for a in old)
+        size = sum(a.nbytes for a in entry)
+        if self.bytes + size <= self.budget:
+            self.entries[key] = entry
+            self.bytes += size
 
 
 _SCAN_CACHE_BYTES = 256 << 20   # all learning rates' scan tables together
