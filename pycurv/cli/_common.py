@@ -32,7 +32,16 @@ class UserCodeError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with errors on one line (``pycurv CMD: error: ...``) and exit status 2."""
+    """argparse with errors on one line (``pycurv CMD: error: ...``) and exit status 2.
+
+    Descriptions may come from module docstrings: their reST literals
+    (````pycurv demo````) are shown without the backticks.
+    """
+
+    def __init__(self, *args, **kwargs):
+        if isinstance(kwargs.get("description"), str):
+            kwargs["description"] = kwargs["description"].replace("``", "")
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401 - argparse API
         sys.stderr.write(f"{self.prog}: error: {message}\n")
@@ -42,8 +51,8 @@ class Parser(argparse.ArgumentParser):
 def run_command(func: Callable, args, *, prog: str) -> int:
     """Runs a subcommand and reports how it failed.
 
-    Bad arguments (pycurv's validation, missing packages) are one line and
-    exit status 2. An exception raised in
+    Bad arguments (pycurv's validation, missing packages, out of memory for
+    the sizes asked) are one line and exit status 2. An exception raised in
     the user's own code (their setup, model or loss) is reported as theirs:
     their file and line, the traceback of their frames, exit status 1.
     """
@@ -67,6 +76,12 @@ def run_command(func: Callable, args, *, prog: str) -> int:
             return 1
         if isinstance(exc, (ValueError, TypeError)):
             # Validation errors from the library name the offending value.
+            sys.stderr.write(f"{prog}: error: {_one_line(exc)}\n")
+            return 2
+        if isinstance(exc, MemoryError):  # the sizes asked for: pycurv's own messages name the bytes
+            sys.stderr.write(f"{prog}: error: out of memory: {_one_line(exc) or 'an allocation failed'}\n")
+            return 2
+        if isinstance(exc, OSError):  # a file pycurv was asked to write or read
             sys.stderr.write(f"{prog}: error: {_one_line(exc)}\n")
             return 2
         raise
@@ -148,14 +163,49 @@ def positive_float(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
+def integer(text: str) -> int:
+    """argparse type: an integer, also written as a float with an integer value (``1e6``)."""
     try:
-        value = int(text)
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not math.isfinite(value) or not value.is_integer() or abs(value) > 2.0 ** 53:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
+    return int(value)
+
+
+def positive_int(text: str) -> int:
+    value = integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
     return value
+
+
+def seed64(text: str) -> int:
+    """argparse type: a 64-bit seed, 0 <= seed < 2**64."""
+    value = integer(text)
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must satisfy 0 <= seed < 2**64, got {text!r}")
+    return value
+
+
+def output_file(text: str) -> str:
+    """argparse type: a file to write (--plot): its folder must exist and be writable."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty file name")
+    folder = os.path.dirname(os.path.abspath(text)) or os.sep
+    if os.path.isdir(text):
+        example = os.path.join(text, "plot.png")
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name, e.g. {example!r}")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"no such folder: {folder!r} (to write {text!r})")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write in {folder!r}: permission denied")
+    return text
 
 
 def emit_json(obj: Any) -> None:

@@ -60,7 +60,8 @@ def register(sub):
                         "train (dropout on too; see --dropout-seed)")
     p.add_argument("--dropout-seed", type=int, default=None,
                    help="with --mode train: draw the same dropout masks in every product from this seed")
-    p.add_argument("--device", default=None, help="where the products run (default: the model's device)")
+    p.add_argument("--device", type=_device, default=None,
+                   help="where the products run (default: the model's device)")
     p.add_argument("--tol", type=positive_float, default=None,
                    help="relative residual tolerance (default: 1e-6 in float64, 2.4e-4 in float32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Lanczos start vector (default 0)")
@@ -69,6 +70,34 @@ def register(sub):
     p.add_argument("--no-min", action="store_true", help="skip the smallest eigenvalue")
     p.add_argument("--json", action="store_true", help="strict JSON on stdout")
     p.set_defaults(func=run)
+
+
+def _device(text: str) -> str:
+    """argparse type of --device: a torch device this torch can use (checked only where torch is installed)."""
+    import argparse
+
+    try:
+        import torch
+    except ImportError:  # the command itself says torch is missing
+        return text
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise argparse.ArgumentTypeError(f"{text!r} is not available: {why} (torch {torch.__version__}); "
+                                             "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r} does not exist: {torch.cuda.device_count()} CUDA "
+                                             "device(s) are visible")
+    elif dev.type != "cpu":  # torch.xpu, torch.mps, ...
+        backend = getattr(torch, dev.type, None) or getattr(torch.backends, dev.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise argparse.ArgumentTypeError(f"{text!r} is not available to this torch; use --device cpu or cuda")
+    return text
 
 
 # ---------------------------------------------------------------------------
