@@ -102,7 +102,9 @@ def check_seed(seed) -> int:
     seed = check_int("seed", seed)
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got seed={seed}")
-    return seed % 2**64
+    if seed >= 2**64:  # silently reducing it would give two different seeds the same run
+        raise ValueError(f"seed must be below 2**64 (seeds are 64-bit), got seed={seed}")
+    return seed
 
 
 def check_positive(name: str, value, *, allow_zero: bool = False) -> float:

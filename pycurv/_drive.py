@@ -100,17 +100,25 @@ def nonfinite_error(y, count: int, comm=None) -> NonFiniteMatvecError:
             matvec=count,
         )
     if y is not None:
+        # Products are scaled by a power of two fixed at the first nonzero one, so
+        # only a product some 1e150 times larger than that one overflows here.
         return NonFiniteMatvecError(
-            f"matvec call {count} returned values whose norm overflows float64 "
-            f"(max |A v| = {float(np.max(np.abs(np.asarray(y)))):.3g}); rescale the operator",
+            f"matvec call {count} returned values whose norm overflows float64 even after scaling "
+            f"(max |A v| = {float(np.max(np.abs(np.asarray(y)))):.3g}): the operator's products span more than "
+            "float64's range (over 1e150 apart) from the first nonzero one; rescale the operator or start "
+            "from a vector it does not nearly annihilate",
             matvec=count,
         )
     return NonFiniteMatvecError(f"matvec call {count} returned non-finite values", matvec=count)
 
 
 def collect(state, timing: dict, *, which: str, tol: float, ncv: int, seed: int, max_matvecs: int,
-            want_vectors: bool, as_array: Callable = np.asarray) -> LanczosResult:
-    """Builds the result record from a finished state (``as_array`` reads its eigenvectors)."""
+            want_vectors: bool, as_array: Callable = np.asarray, exact: bool = False) -> LanczosResult:
+    """Builds the result record from a finished state (``as_array`` reads its eigenvectors).
+
+    ``exact``: the operator's products are exact float64 (an array), so a noise
+    floor can only be float64's own rounding, and the message says so.
+    """
     values = np.asarray(state.values(), dtype=np.float64)
     res = np.asarray(state.residuals(), dtype=np.float64)
     status = STATUS.get(int(state.status), "unknown")
@@ -120,7 +128,7 @@ def collect(state, timing: dict, *, which: str, tol: float, ncv: int, seed: int,
         vecs = as_array(state.eigenvectors()).T  # (n, k), column i <-> eigenvalue i
     bounds = _error_bounds(values, res, np.asarray(state.ritz_values()))
     rel = _relative(res, values, anorm)
-    message = _message(status, rel, tol, max_matvecs, float(state.noise_level), int(state.n_matvecs))
+    message = _message(status, rel, tol, max_matvecs, float(state.noise_level), int(state.n_matvecs), exact=exact)
     h = state.history()
     return LanczosResult(
         eigenvalues=values,
@@ -163,13 +171,22 @@ def _error_bounds(values: np.ndarray, res: np.ndarray, ritz: np.ndarray) -> np.n
         others = np.abs(ritz - v)
         others = np.delete(others, int(np.argmin(others))) if others.size else others
         gap = float(np.min(others)) if others.size else np.inf
-        if gap > 0:
-            out[i] = min(r, r * r / gap)
+        if gap > 0 and r < gap:  # r * (r / gap): r * r alone overflows for r near 1e160
+            out[i] = r * (r / gap)
     return out
 
 
-def _message(status: str, rel: np.ndarray, tol: float, max_matvecs: int, noise: float, n_mv: int) -> str:
+def _message(status: str, rel: np.ndarray, tol: float, max_matvecs: int, noise: float, n_mv: int, *,
+             exact: bool = False) -> str:
     worst = float(np.max(rel)) if rel.size else float("nan")
+    if status == "noise_floor" and exact:
+        return (
+            f"stopped at float64's rounding floor: relative residual {worst:.2g} cannot reach tol={tol:g}. "
+            "The products A @ v are exact to float64, but their rounding and the basis's leave residuals of "
+            f"about {max(noise, worst):.2g} * ||A|| (some sqrt(n) * 1.1e-16), so a smaller one cannot be "
+            f"certified; the eigenvalues are the best float64 allows. Loosen tol to about "
+            f"{max(noise, worst) * 10:.0e}"
+        )
     if status == "converged":
         return f"converged: largest relative residual {worst:.2g} <= tol={tol:g} after {n_mv} matvecs"
     if status == "max_matvecs":

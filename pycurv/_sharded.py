@@ -16,6 +16,7 @@ import numpy as np
 
 from . import _checks
 from ._drive import collect, nonfinite_error
+from ._memory import basis_memory_error
 from ._native import DONE, MATVEC, REDUCE, STEP, WHICH_CODE, core
 from .errors import ConvergenceWarning
 from .operators import unit_roundoff
@@ -50,11 +51,15 @@ def lanczos_sharded(matvec: Callable, bounds, k: int = 1, *, which: str = "LA", 
     seed = _checks.check_seed(seed)
     if check_multiplicity is None:
         check_multiplicity = k >= 2
-    states = [core.LanczosState(
-        n_local=hi - lo, n_global=n, offset=lo, k=k, ncv=ncv, which=WHICH_CODE[which], tol=tol,
-        max_matvecs=max_matvecs, seed=seed, start_given=v0 is not None, check_multiplicity=bool(check_multiplicity),
-        explicit_residuals=not exact, want_vectors=bool(return_eigenvectors), yield_reduce=True,
-        unit_roundoff=unit_roundoff(dtype)) for lo, hi in bounds]
+    try:
+        states = [core.LanczosState(
+            n_local=hi - lo, n_global=n, offset=lo, k=k, ncv=ncv, which=WHICH_CODE[which], tol=tol,
+            max_matvecs=max_matvecs, seed=seed, start_given=v0 is not None,
+            check_multiplicity=bool(check_multiplicity), explicit_residuals=not exact,
+            want_vectors=bool(return_eigenvectors), yield_reduce=True, unit_roundoff=unit_roundoff(dtype))
+            for lo, hi in bounds]
+    except MemoryError:
+        raise basis_memory_error(n, ncv, k, bool(return_eigenvectors)) from None
     if v0 is not None:
         for st, (lo, hi) in zip(states, bounds):
             st.start_vector()[:] = v0[lo:hi]
@@ -103,7 +108,7 @@ def lanczos_sharded(matvec: Callable, bounds, k: int = 1, *, which: str = "LA", 
             break
     timing = {"matvec": t_mv, "core": t_core, "total": time.perf_counter() - t_start}
     res = collect(states[0], timing, which=which, tol=tol, ncv=ncv, seed=seed, max_matvecs=max_matvecs,
-                  want_vectors=False)
+                  want_vectors=False, exact=bool(exact))
     if return_eigenvectors:
         vecs = np.concatenate([np.asarray(st.eigenvectors()).T for st in states], axis=0)
         res = dataclasses.replace(res, eigenvectors=vecs)

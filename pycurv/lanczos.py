@@ -18,6 +18,7 @@ import numpy as np
 
 from . import _checks, _gpu
 from ._drive import collect, drive
+from ._memory import basis_memory_error
 from ._native import WHICH_CODE, core
 from ._sharded import lanczos_sharded
 from .errors import ConvergenceWarning, NoConvergence
@@ -67,7 +68,11 @@ def lanczos(
     tol : float
         Relative residual tolerance: a pair (theta, y) is converged when
         ``||A y - theta y|| <= tol * max(|theta|, ||A||_est)``, with
-        ``||A||_est`` the largest Ritz value in absolute value seen.
+        ``||A||_est`` the largest Ritz value in absolute value seen. Below
+        ``64 * sqrt(n) * 2**-53`` the recurrence's residual estimate cannot
+        certify it, so it is confirmed with ``A y`` computed (k more
+        products); where float64 rounding keeps it out of reach the status is
+        ``"noise_floor"``.
     ncv : int, optional
         Basis vectors kept (memory: 8 * n * (ncv + 1) bytes). Default
         ``min(n, max(2k + 1, 32))``; must satisfy k + 2 <= ncv <= n (ncv = n
@@ -186,7 +191,10 @@ def _solve(op, k, *, which, tol, ncv, max_matvecs, v0, seed, return_eigenvectors
         timing = run.timing(state, timing)
         as_array = run.eigenvectors
     else:
-        state = core.LanczosState(**options)
+        try:
+            state = core.LanczosState(**options)
+        except MemoryError:
+            raise basis_memory_error(n_local, ncv, k, bool(return_eigenvectors)) from None
         if v0 is not None:
             state.start_vector()[:] = v0
         with _core_threads(op):
@@ -194,7 +202,7 @@ def _solve(op, k, *, which, tol, ncv, max_matvecs, v0, seed, return_eigenvectors
                            learn_dtype=learn, callback=callback, comm=comm)
         as_array = np.asarray
     return collect(state, timing, which=which, tol=tol, ncv=ncv, seed=seed, max_matvecs=max_matvecs,
-                   want_vectors=return_eigenvectors, as_array=as_array)
+                   want_vectors=return_eigenvectors, as_array=as_array, exact=bool(op.exact))
 
 
 class _core_threads:
@@ -227,9 +235,9 @@ class _core_threads:
 
 def _agree(comm, seed: int, v0, n_local: int, sharded: bool):
     """Makes every rank start from the same place: rank 0's seed; rank 0's v0 (replicated) or every rank's shard."""
-    buf = np.array([seed % 2**63], dtype=np.int64)
+    buf = np.array([seed >> 32, seed & 0xFFFFFFFF], dtype=np.int64)  # a 64-bit seed in two int64 halves
     comm.broadcast(buf, root=0)
-    seed = int(buf[0])
+    seed = (int(buf[0]) << 32) | int(buf[1])
     have = comm.allreduce_max(1 if v0 is not None else 0)
     if sharded:
         if have and comm.allreduce_max(1 if v0 is None else 0):

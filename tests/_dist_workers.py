@@ -9,7 +9,12 @@ import traceback
 
 import numpy as np
 
-TIMEOUT_S = 60
+# The process group's timeout. Nothing is timed against it: a rank stopped by a
+# peer's failure raises PeerError at its next collective, while one left waiting
+# would raise gloo's timeout error instead, so the error itself says which. It
+# only bounds how long a broken build hangs, and is long enough for spawned ranks
+# that import torch on a loaded machine to meet at the rendezvous.
+TIMEOUT_S = 300
 
 
 def matrix(n, seed=0):
@@ -75,6 +80,7 @@ def scenario_run(rank, size, scenario):
                 out["error"] = None
             except BaseException as exc:  # noqa: BLE001
                 out["error"] = f"{type(exc).__name__}: {exc}"
+            out["products"] = calls["n"]
         elif scenario == "nan":
             op = RowShardedOperator(a[lo:hi], n, comm)
             inner = op.matvec
@@ -93,6 +99,7 @@ def scenario_run(rank, size, scenario):
                 out["error"] = None
             except BaseException as exc:  # noqa: BLE001
                 out["error"] = f"{type(exc).__name__}: {exc}"
+            out["products"] = calls["n"]
         out["seconds"] = time.perf_counter() - t0
     except BaseException:  # noqa: BLE001 - reported to the parent
         out["crash"] = traceback.format_exc()

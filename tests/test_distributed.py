@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -11,7 +9,7 @@ import torch  # noqa: F401 - a test dependency: its absence must fail, not skip
 import torch.multiprocessing as mp
 
 import pycurv  # noqa: E402
-from _dist_workers import TIMEOUT_S, matrix, run  # noqa: E402
+from _dist_workers import matrix, run  # noqa: E402
 from conftest import free_port  # noqa: E402
 
 pytestmark = pytest.mark.dist
@@ -22,9 +20,7 @@ def world(request, tmp_path_factory):
     """Spawns `size` ranks once; they run every scenario in SCENARIOS[size]."""
     size = request.param
     outdir = tmp_path_factory.mktemp(f"dist{size}")
-    t0 = time.perf_counter()
     mp.start_processes(run, args=(size, free_port(), str(outdir)), nprocs=size, join=True, start_method="spawn")
-    wall = time.perf_counter() - t0
 
     def results(scenario):
         outs = [np.load(outdir / f"{scenario}-rank{r}.npy", allow_pickle=True)[0] for r in range(size)]
@@ -32,11 +28,11 @@ def world(request, tmp_path_factory):
             assert "crash" not in o, o["crash"]
         return outs
 
-    return size, results, wall
+    return size, results
 
 
 def test_sharded_basis_equals_single_process(world):
-    size, results, _ = world
+    size, results = world
     outs = results("sharded")
     single = pycurv.lanczos(matrix(240), 3, tol=1e-11, seed=5, ncv=14)
     for o in outs:
@@ -49,7 +45,7 @@ def test_sharded_basis_equals_single_process(world):
 
 
 def test_replicated_data_parallel_equals_single_process(world):
-    size, results, _ = world
+    size, results = world
     outs = results("replicated")
     ref = pycurv.lanczos(matrix(240), 3, tol=1e-11, seed=7, ncv=14)  # rank 0's seed is used everywhere
     for o in outs:
@@ -59,22 +55,31 @@ def test_replicated_data_parallel_equals_single_process(world):
 
 
 def test_a_rank_that_raises_stops_every_rank(world):
-    size, results, wall = world
+    """Every rank stops at the product where the last one failed, each with the failure named.
+
+    Checked by what the ranks did, not by the clock (a loaded machine stretches
+    any time): a rank left waiting for the process group's timeout would end in
+    gloo's timeout error, not in a PeerError naming the failed rank and its
+    error, and the world would not have finished (the fixture joins every rank).
+    """
+    size, results = world
     outs = results("raise")
     assert outs[-1]["error"].startswith("KeyError: 'HVP failed on the last rank'")
     for o in outs[:-1]:
-        assert o["error"].startswith("PeerError: ")
-        assert f"rank(s) {size - 1} failed" in o["error"] and "HVP failed on the last rank" in o["error"]
-        assert o["seconds"] < 10  # stopped at the next collective, not at the process-group timeout
-    assert wall < TIMEOUT_S
+        assert o["error"].startswith(f"PeerError: rank {o['rank']} stopped because rank(s) {size - 1} failed")
+        assert "HVP failed on the last rank" in o["error"]
+        assert "timed out" not in o["error"].lower() and "timeout" not in o["error"].lower()
+    # the failing product was the 4th on every rank: the others stopped at that product's agreement
+    assert [o["products"] for o in outs] == [4] * size
 
 
 def test_nan_on_one_rank_stops_every_rank(world):
-    _, results, _ = world
-    for o in results("nan"):
+    _, results = world
+    outs = results("nan")
+    for o in outs:
         assert o["error"].startswith("NonFiniteMatvecError: matvec call 3 returned non-finite values")
         assert "on rank(s) 1" in o["error"]
-        assert o["seconds"] < 10
+    assert [o["products"] for o in outs] == [3] * len(outs)  # every rank stopped at the bad product
 
 
 # ---- shards of the basis inside one process (JAX devices use this) ----------------

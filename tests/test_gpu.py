@@ -301,6 +301,33 @@ def test_start_vector_on_the_device_warm_starts():
     assert host_v0.n_matvecs == warm.n_matvecs
 
 
+@pytest.mark.parametrize("s", [1e-300, 1e-200, 3e-160, 1e160, 1e300])
+def test_tiny_and_huge_operators_as_on_the_cpu(s):
+    """The products are measured and scaled by the device kernels as by the CPU's: the same run."""
+    a = s * dense(np.r_[-3.0, np.linspace(-1.0, 1.0, 57), 1.5, 2.0], seed=4)
+    gpu = pycurv.lanczos(HostMatrixOnGpu(a), 2, tol=1e-10, seed=0)
+    cpu = pycurv.lanczos(a, 2, tol=1e-10, seed=0)
+    assert gpu.converged and gpu.n_matvecs == cpu.n_matvecs
+    np.testing.assert_allclose(gpu.eigenvalues, cpu.eigenvalues, rtol=1e-12)
+    np.testing.assert_allclose(gpu.eigenvalues, [2.0 * s, 1.5 * s], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("fill", [1e300, 1e-320])
+def test_start_vector_on_the_device_at_any_scale(fill):
+    a = np.diag(np.arange(50.0))
+    res = pycurv.lanczos(HostMatrixOnGpu(a), 1, tol=1e-10, v0=_on_device(np.full(50, fill)))
+    assert res.converged and res.eigenvalues[0] == pytest.approx(49.0, rel=1e-12, abs=0)
+
+
+def test_impossible_tolerance_is_a_noise_floor_on_the_device():
+    a = dense(np.r_[np.linspace(-1.0, 1.0, 99), 2.0], seed=1)
+    with pytest.warns(pycurv.ConvergenceWarning, match="rounding floor"):
+        res = pycurv.lanczos(HostMatrixOnGpu(a), 1, tol=1e-300, seed=0)
+    assert res.status == "noise_floor" and res.residuals_explicit
+    y = res.eigenvectors.numpy()[:, 0] if hasattr(res.eigenvectors, "numpy") else np.asarray(res.eigenvectors)[:, 0]
+    assert np.linalg.norm(a @ y - res.eigenvalues[0] * y) <= 1.01 * res.residual_norms[0]
+
+
 def test_callable_on_the_device_and_callback_stop():
     a = dense(np.linspace(0.0, 1.0, 100), seed=0)
     f = pycurv.FunctionOperator(lambda x: _on_device(a @ x.numpy()), 100, device="cuda:0")

@@ -7,7 +7,11 @@ import that runs in a circle still ties the two modules together.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import pycurv
 
@@ -20,7 +24,7 @@ PROCESS_GROUPS = ("pycurv.distributed",)
 # sharded-basis driver and the Communicator protocol it needs.
 SOLVER = ("pycurv.lanczos", "pycurv._drive", "pycurv._sharded", "pycurv._comm", "pycurv.operators",
           "pycurv.results", "pycurv._checks", "pycurv._gpu", "pycurv._devices", "pycurv._native",
-          "pycurv.errors", "pycurv._optional")
+          "pycurv.errors", "pycurv._optional", "pycurv._memory")
 
 
 def _modules():
@@ -157,3 +161,18 @@ def test_the_tracker_core_knows_no_framework():
             roots.add((node.module or "").split(".")[0])
     assert not roots & {"torch", "jax", "optax"}
     assert not any(_under(t, ADAPTERS) for t in GRAPH["pycurv.track"])
+
+
+def test_importing_from_the_source_folder_says_it_shadows_the_installed_package():
+    """From the repository root (where the README's install leaves the user) ./pycurv hides the installed one."""
+    repo = Path(__file__).resolve().parent.parent
+    source = repo / "pycurv"
+    if source.resolve() == ROOT or any(source.glob("_core*.so")) or any(source.glob("_core*.pyd")):
+        pytest.skip("the source folder is the installed package here (an in-place or editable build)")
+    proc = subprocess.run([sys.executable, "-c", "import pycurv"], cwd=repo, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ImportError: pycurv is installed (in {ROOT}), but Python imported the source folder "
+                           f"{source} instead"), last
+    assert last.endswith("Change to another directory (e.g. cd ..) and run again")

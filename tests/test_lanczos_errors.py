@@ -126,6 +126,22 @@ def test_max_matvecs(a):
 def test_seed(a):
     with pytest.raises(ValueError, match="seed must be a non-negative integer, got seed=-3"):
         pycurv.lanczos(a, seed=-3)
+    with pytest.raises(ValueError, match=r"seed must be below 2\*\*64 \(seeds are 64-bit\), got seed=18446744073709551616"):
+        pycurv.lanczos(a, seed=2**64)
+    top = 2**64 - 1  # the largest seed is a seed of its own, not seed 0 or 2**63 - 1
+    r = pycurv.lanczos(a, seed=top)
+    assert r.seed == top and r.converged
+    assert not np.array_equal(r.history.value, pycurv.lanczos(a, seed=0).history.value)
+
+
+def test_basis_that_does_not_fit_names_its_bytes():
+    with pytest.raises(MemoryError, match=r"the Krylov basis does not fit in memory: 33 vectors of n=1000000000000 "
+                                          r"float64 need 8·n·\(ncv\+1\) = 264000000000000 bytes \(240 TiB\)"
+                                          r" plus 7.28 TiB for the 1 returned eigenvector\(s\)\. Lower ncv "
+                                          r"\(ncv=32 now; at least k \+ 2 = 3\)"):
+        pycurv.lanczos(lambda x: x, n=10**12, seed=0)
+    with pytest.raises(MemoryError, match=r"33 vectors of n=1000000000000 float64 need .*TiB\)\. Lower ncv"):
+        pycurv.lanczos(lambda x: x, n=10**12, seed=0, return_eigenvectors=False)
 
 
 def test_sharpness_rejects_k(a):
@@ -186,9 +202,15 @@ def test_inf_from_matvec(a):
         pycurv.lanczos(mv, n=30, seed=0)
 
 
-def test_overflowing_matvec(a):
-    with pytest.raises(pycurv.NonFiniteMatvecError, match="norm overflows float64"):
-        pycurv.lanczos(lambda x: 1e300 * (a @ x) + 1e300, n=30, seed=0)
+def test_huge_matvec_is_scaled_not_refused(a):
+    # Products near 1e300 are scaled by a power of two before any square is taken.
+    assert pycurv.sharpness(lambda x: 1e300 * (a @ x), n=30, tol=1e-10, seed=0) == pytest.approx(2e300, rel=1e-12)
+
+
+def test_overflowing_matvec():
+    # Only products that span more than float64's range from the first nonzero one overflow.
+    with pytest.raises(pycurv.NonFiniteMatvecError, match="norm overflows float64 even after scaling"):
+        pycurv.lanczos(lambda x: np.array([1e-300 * x[0], 1e300 * x[1]]), n=2, v0=np.array([1.0, 0.0]), seed=0)
 
 
 def test_wrong_shape_from_matvec(a):

@@ -208,3 +208,65 @@ def test_noise_scale():
         noise_scale_from_batch_norms(16, 1.0, 8, 1.0)
     with pytest.raises(ValueError, match=r"shape \(n, p\) with n >= 2"):
         noise_scale_from_gradients(np.ones(3))
+
+
+# ---- sizes and scales a hostile caller may ask for -----------------------------------------
+
+
+def test_zhang_curvatures_that_underflow_are_named():
+    with pytest.raises(ValueError, match=r"h_i = top·i\^-power underflows to 0 from i = 3 on \(top=1, power=1000, "
+                                         r"dim=100\): every curvature must be a positive float64"):
+        NoisyQuadraticModel.zhang(100, power=1000)
+    from pycurv.stability.nqm import zhang_underflow
+
+    assert zhang_underflow(100, 1.0, 1.0) is None
+    first = zhang_underflow(10**6, 1e-300, 10.0)
+    assert 1e-300 * float(first - 1) ** -10.0 > 0 and 1e-300 * float(first) ** -10.0 == 0
+
+
+def test_a_search_that_does_not_fit_is_refused_with_its_bytes(monkeypatch):
+    import pycurv._memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10 << 20)  # 10 MiB left
+    model = NoisyQuadraticModel.zhang(20000)
+    with pytest.raises(MemoryError, match=r"the noisy quadratic model's search over 80 learning rates for 20000 "
+                                          r"directions needs about .* MiB \(\d\.\d+e\+0\d bytes\), more than the "
+                                          r"10 MiB this process can still take; use fewer directions or learning"):
+        nqm_batch_scaling(model, [1.0, 2.0], 0.01 * model.initial_loss)
+    monkeypatch.setattr(memory, "available_bytes", lambda: None)  # unknown: no refusal
+    nqm_best_lr(NoisyQuadraticModel.zhang(50), 4.0, 0.1)
+
+
+def test_scan_tables_stay_within_their_budget(monkeypatch):
+    """Past the budget the per-learning-rate tables are built for each use, and the answers do not change."""
+    import pycurv.stability.nqm as nqm
+
+    model = NoisyQuadraticModel.zhang(300)
+    target = 0.01 * model.initial_loss
+    ref = nqm_batch_scaling(model, [1.0, 8.0, 64.0], target, critical=False, momentum=0.9)
+    seen = []
+    put = nqm._RowsCache.put
+
+    def spy(self, key, entry):
+        put(self, key, entry)
+        seen.append((self.bytes, len(self.entries)))
+
+    budget = 2 * (256 * 300 * 3 + 300 * 9) * 8  # two learning rates' tables (momentum: 3 moments)
+    monkeypatch.setattr(nqm, "_SCAN_CACHE_BYTES", budget)
+    monkeypatch.setattr(nqm._RowsCache, "put", spy)
+    small = nqm_batch_scaling(model, [1.0, 8.0, 64.0], target, critical=False, momentum=0.9)
+    assert len(seen) > 20 and max(b for b, _ in seen) <= budget and max(n for _, n in seen) == 2
+    np.testing.assert_array_equal(small.steps, ref.steps)
+    np.testing.assert_array_equal(small.best_lr, ref.best_lr)
+
+
+@pytest.mark.filterwarnings("error")
+def test_extreme_curvatures_give_answers_without_warnings():
+    huge = NoisyQuadraticModel.zhang(100, top=1e300)
+    assert huge.noise_scale() == pytest.approx(NoisyQuadraticModel.zhang(100).noise_scale() / 1e300, rel=1e-12,
+                                               abs=0)
+    res = nqm_batch_scaling(huge, [1.0, 1024.0], 0.01 * huge.initial_loss)
+    assert np.all(np.isfinite(res.steps))  # the noise η²c ~ 1/top is negligible: every batch size the same
+    tiny = NoisyQuadraticModel.zhang(100, top=1e-300)
+    res = nqm_batch_scaling(tiny, [1.0, 1024.0], 0.01 * tiny.initial_loss)
+    assert np.all(np.isinf(res.steps))  # η²c ~ 1/top overflows: the target is out of reach, said as "never"

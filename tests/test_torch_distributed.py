@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import pycurv
 import pycurv.torch as pt
-from _torch_dist_workers import TIMEOUT_S, data, model, run
+from _torch_dist_workers import data, model, run
 from conftest import free_port
 
 pytestmark = pytest.mark.dist
@@ -77,16 +77,15 @@ def test_a_rank_that_raises_stops_every_rank(world):
     outs = results("raise")
     assert outs[-1]["error"] == "RuntimeError: out of memory in the loss on the last rank"
     for o in outs[:-1]:
+        # a PeerError, not gloo's timeout: stopped at the next collective (nothing is timed: load stretches time)
         assert o["error"].startswith(f"PeerError: rank {o['rank']} stopped because rank(s) {size - 1} failed")
-    for o in outs:
-        assert o["seconds"] < TIMEOUT_S / 4  # stopped at the next collective, not at the timeout
+    assert [o["losses"] for o in outs] == [5] * size  # every rank stopped at the loss that failed on the last
 
 
 def test_nan_on_one_rank_stops_every_rank(world):
     _, results = world
     for o in results("nan"):
         assert o["error"].startswith("NonFiniteMatvecError: matvec call 1 returned non-finite values")
-        assert o["seconds"] < TIMEOUT_S / 4
 
 
 def test_collectives_leave_no_tensor_with_the_worker_threads(world):

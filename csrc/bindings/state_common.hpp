@@ -42,7 +42,8 @@ inline pycurv::Options make_options(int64_t n_local, int64_t n_global, int64_t o
   o.seed = seed;
   o.start_given = start_given;
   o.check_multiplicity = check_multiplicity;
-  o.explicit_residuals = explicit_residuals;
+  // Below what the recurrence certifies, convergence is confirmed on A itself.
+  o.explicit_residuals = explicit_residuals || tol < pycurv::certifiable_tol(n_global);
   o.want_vectors = want_vectors;
   o.yield_reduce = yield_reduce;
   o.unit_roundoff = unit_roundoff;

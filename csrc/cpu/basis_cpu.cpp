@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -222,6 +223,17 @@ PYCURV_CLONES PYCURV_NOINLINE void block_combine(const double* base, int64_t ld,
   }
 }
 
+// dst = a * src over m rows (a plain copy when a = 1).
+PYCURV_CLONES __attribute__((noinline)) void scaled_copy(double* __restrict dst, const double* __restrict src,
+                                                         double a, int64_t m) {
+  if (a == 1.0) {
+    std::memcpy(dst, src, sizeof(double) * m);
+    return;
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < m; ++i) dst[i] = a * src[i];
+}
+
 }  // namespace
 
 namespace {
@@ -292,12 +304,35 @@ void CpuBasis::dots(const double* src, int w, int nv, double* out) {
     for (int64_t r0 = c * kChunk; r0 < r1; r0 += sub) {
       const int64_t m = std::min(sub, r1 - r0);
       double* wb = wv + r0;
-      if (src) std::memcpy(wb, src + r0, sizeof(double) * m);
+      if (src) scaled_copy(wb, src + r0, src_scale_, m);
       block_dots(slot(0) + r0, n_, nv, wb, m, p);
       p[nv] += dot(wb, wb, m);
     }
   }
   sum_chunks(width, out);
+}
+
+void CpuBasis::magnitude(const double* src, int w, double* out) {
+  count(1);
+  const double* x = src ? src : slot(w);
+  const int64_t nc = chunks();
+  partial_.assign(static_cast<size_t>(nc) * 2, 0.0);
+  constexpr double kDown = 0x1p-64, kUp = 0x1p64;
+#pragma omp parallel for schedule(static) if (threaded(1))
+  for (int64_t c = 0; c < nc; ++c) {
+    double big = 0.0, small = 0.0;
+    const int64_t r1 = std::min(n_, (c + 1) * kChunk);
+#pragma omp simd reduction(+ : big, small)
+    for (int64_t i = c * kChunk; i < r1; ++i) {
+      const double a = std::fabs(x[i]);
+      const bool large = a >= 1.0;  // NaN goes to small: both sums must stay finite for a finite x
+      big += large ? a * kDown : 0.0;
+      small += large ? 0.0 : a * kUp;
+    }
+    partial_[2 * c] = big;
+    partial_[2 * c + 1] = small;
+  }
+  sum_chunks(2, out);
 }
 
 void CpuBasis::update_dots(int w, int nv, const double* h, double* out) {
@@ -412,7 +447,7 @@ void CpuBasis::residual(const double* w, int r, double theta, double* out) {
     const int64_t r1 = std::min(n_, (c + 1) * kChunk);
 #pragma omp simd reduction(+ : s)
     for (int64_t i = c * kChunk; i < r1; ++i) {
-      const double d = w[i] - theta * y[i];
+      const double d = src_scale_ * w[i] - theta * y[i];
       s += d * d;
     }
     partial_[c] = s;

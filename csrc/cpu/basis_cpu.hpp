@@ -29,8 +29,16 @@ class CpuBasis {
   double* ritz(int r) { return ritz_.get() + static_cast<int64_t>(r) * n_; }
   const double* ritz(int r) const { return ritz_.get() + static_cast<int64_t>(r) * n_; }
 
-  // Pass 1. If src is given it is first copied into slot w (fused with the
-  // dots). out[i] = <V_i, w> for i < nv; out[nv] = <w, w>.
+  // Products passed as src to dots() and residual() are read multiplied by s
+  // (a power of two chosen by the Lanczos state; 1 until it is set).
+  void set_source_scale(double s) { src_scale_ = s; }
+  // A magnitude of x = src (a product, read unscaled) or, if src is null, of
+  // slot w, as two sums that neither overflow nor underflow: out[0] = sum of
+  // |x_i| 2^-64 over |x_i| >= 1, out[1] = sum of |x_i| 2^64 over |x_i| < 1.
+  // (Squares of numbers below 1e-154 or above 1e154 leave the float64 range.)
+  void magnitude(const double* src, int w, double* out);
+  // Pass 1. If src is given it is first copied into slot w (times the source
+  // scale, fused with the dots). out[i] = <V_i, w> for i < nv; out[nv] = <w, w>.
   void dots(const double* src, int w, int nv, double* out);
   // Pass 2. w -= V[0:nv] h, then out[i] = <V_i, w>, out[nv] = <w, w>; the
   // second read of each row block of V comes from cache.
@@ -44,7 +52,7 @@ class CpuBasis {
   void combine(int nold, const double* C, int nnew);
   // Ritz buffer r <- slots [0, nold) * s.
   void ritz_vector(int nold, const double* s, int r);
-  // out[0] = |w - theta * ritz_r|^2 with w an external vector of this process's rows.
+  // out[0] = |s w - theta * ritz_r|^2 with w an external vector of this process's rows, s the source scale.
   void residual(const double* w, int r, double theta, double* out);
 
   // Bytes the kernels called so far must move between memory and the cores at
@@ -78,6 +86,7 @@ class CpuBasis {
   std::unique_ptr<double[], Free> ritz_;
   std::vector<double> partial_;
   double bytes_ = 0.0;
+  double src_scale_ = 1.0;
   void count(double vectors) { bytes_ += vectors * 8.0 * static_cast<double>(n_); }
 };
 

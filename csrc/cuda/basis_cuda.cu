@@ -130,6 +130,7 @@ struct OrthoArgs {
   const void* src;  // the matvec output, or nullptr
   DType src_dtype;
   int64_t src_stride;
+  double src_scale;  // src is read multiplied by this power of two
   const double* h;  // device, nv entries (update)
   double* partial;
   int rows, shift;  // tile rows = 1 << shift
@@ -163,7 +164,7 @@ __global__ void __launch_bounds__(kThreads) ortho_kernel(OrthoArgs a) {
       double x = 0.0;
       if (j < m) {
         const int64_t r = r0 + j;
-        x = a.src ? load_src(a.src, a.src_dtype, r * a.src_stride) : a.w[r];
+        x = a.src ? a.src_scale * load_src(a.src, a.src_dtype, r * a.src_stride) : a.w[r];
         if (a.update) {
           double s = 0.0;
           for (int i = 0; i < a.nv; ++i) s += hsh[i] * S[i * TR + j];
@@ -262,19 +263,44 @@ __global__ void load_kernel(double* dst, int64_t n, const void* src, DType dtype
     dst[r] = load_src(src, dtype, r * stride);
 }
 
-// partial[block] = sum over the block's rows of (w_r - theta y_r)^2 (fixed grid-stride order).
+// partial[block] = sum over the block's rows of (scale w_r - theta y_r)^2 (fixed grid-stride order).
 __global__ void __launch_bounds__(kThreads) residual_kernel(const void* src, DType dtype, int64_t stride,
-                                                            const double* y, double theta, int64_t n,
+                                                            double scale, const double* y, double theta, int64_t n,
                                                             double* partial) {
   PYCURV_SHARED(double, warp_sums, kWarps);
   double s = 0.0;
   for (int64_t r = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; r < n;
        r += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const double d = load_src(src, dtype, r * stride) - theta * y[r];
+    const double d = scale * load_src(src, dtype, r * stride) - theta * y[r];
     s += d * d;
   }
   s = block_sum(s, warp_sums);
   if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+// partial[2 block + 0] = sum of |x_r| 2^-64 over |x_r| >= 1, partial[2 block + 1]
+// = sum of |x_r| 2^64 over |x_r| < 1, over the block's rows (fixed order): a
+// magnitude of x whose sums cannot under- or overflow (see CudaBasis::magnitude).
+__global__ void __launch_bounds__(kThreads) magnitude_kernel(const void* src, DType dtype, int64_t stride,
+                                                             int64_t n, double* partial) {
+  PYCURV_SHARED(double, warp_sums, kWarps);
+  double big = 0.0, small = 0.0;
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; r < n;
+       r += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const double a = fabs(load_src(src, dtype, r * stride));
+    if (a >= 1.0) {
+      big += a * 0x1p-64;
+    } else {  // NaN lands here: both sums must stay finite for a finite x
+      small += a * 0x1p64;
+    }
+  }
+  big = block_sum(big, warp_sums);
+  __syncthreads();  // warp_sums is reused
+  small = block_sum(small, warp_sums);
+  if (threadIdx.x == 0) {
+    partial[2 * static_cast<size_t>(blockIdx.x)] = big;
+    partial[2 * static_cast<size_t>(blockIdx.x) + 1] = small;
+  }
 }
 
 // The roofline reference: one pass over x at the best the memory allows (four
@@ -537,7 +563,7 @@ void launch_ortho(const OrthoArgs& a, int grid, size_t smem, CUstream_st* stream
 void CudaBasis::dots(const double* src, int w, int nv, double* out) {
   count(nv + 1 + (src ? 1.0 + elem_vectors(src_dtype_) : 0.0));  // V and w read; src read and w written
   const Tile& t = ortho_tile(nv);
-  OrthoArgs a{slot(0), n_, ld_, nv, slot(w), src, src_dtype_, src_stride_, nullptr, partial_,
+  OrthoArgs a{slot(0), n_, ld_, nv, slot(w), src, src_dtype_, src_stride_, src_scale_, nullptr, partial_,
               t.rows, t.shift, (n_ + t.rows - 1) / t.rows, false, true};
   launch_ortho(a, t.grid, t.smem, stream_);
   download_sums(nv + 1, t.grid, out);
@@ -547,7 +573,7 @@ void CudaBasis::update_dots(int w, int nv, const double* h, double* out) {
   count(nv + 2);  // V read once (staged for the second half), w read and written
   const double* hd = upload(h, nv);
   const Tile& t = ortho_tile(nv);
-  OrthoArgs a{slot(0), n_, ld_, nv, slot(w), nullptr, DType::F64, 1, hd, partial_,
+  OrthoArgs a{slot(0), n_, ld_, nv, slot(w), nullptr, DType::F64, 1, 1.0, hd, partial_,
               t.rows, t.shift, (n_ + t.rows - 1) / t.rows, true, true};
   launch_ortho(a, t.grid, t.smem, stream_);
   download_sums(nv + 1, t.grid, out);
@@ -557,7 +583,7 @@ void CudaBasis::update_norm(int w, int nv, const double* h, double* out) {
   count(nv + 2);
   const double* hd = upload(h, nv);
   const Tile& t = ortho_tile(nv);
-  OrthoArgs a{slot(0), n_, ld_, nv, slot(w), nullptr, DType::F64, 1, hd, partial_,
+  OrthoArgs a{slot(0), n_, ld_, nv, slot(w), nullptr, DType::F64, 1, 1.0, hd, partial_,
               t.rows, t.shift, (n_ + t.rows - 1) / t.rows, true, false};
   launch_ortho(a, t.grid, t.smem, stream_);
   download_sums(1, t.grid, out);
@@ -596,9 +622,20 @@ void CudaBasis::ritz_vector(int nold, const double* s, int r) {
 void CudaBasis::residual(const double* w, int r, double theta, double* out) {
   count(1.0 + elem_vectors(src_dtype_));
   const int grid = elementwise_grid(n_, sms_);
-  PYCURV_LAUNCH(residual_kernel, grid, 0, stream_, w, src_dtype_, src_stride_, ritz(r), theta, n_, partial_);
+  PYCURV_LAUNCH(residual_kernel, grid, 0, stream_, w, src_dtype_, src_stride_, src_scale_, ritz(r), theta, n_,
+                partial_);
   check(cudaGetLastError(), "residual_kernel launch");
   download_sums(1, grid, out);
+}
+
+void CudaBasis::magnitude(const double* src, int w, double* out) {
+  const bool ext = src != nullptr;
+  count(ext ? elem_vectors(src_dtype_) : 1.0);
+  const int grid = elementwise_grid(n_, sms_);
+  PYCURV_LAUNCH(magnitude_kernel, grid, 0, stream_, ext ? static_cast<const void*>(src) : slot(w),
+                ext ? src_dtype_ : DType::F64, ext ? src_stride_ : int64_t(1), n_, partial_);
+  check(cudaGetLastError(), "magnitude_kernel launch");
+  download_sums(2, grid, out);
 }
 
 void CudaBasis::load_vector(double* dst, const void* src, DType dtype, int64_t stride) {

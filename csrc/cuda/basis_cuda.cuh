@@ -80,9 +80,17 @@ class CudaBasis {
   // element type and stride in elements (1: contiguous). The Lanczos state
   // treats that pointer as opaque and only hands it back here.
   void set_source_format(DType dtype, int64_t stride);
+  // Products passed as src to dots() and residual() are read multiplied by s
+  // (a power of two chosen by the Lanczos state; 1 until it is set).
+  void set_source_scale(double s) { src_scale_ = s; }
+  // A magnitude of x = src (the matvec output, read unscaled) or, if src is
+  // null, of slot w, as two sums that neither overflow nor underflow:
+  // out[0] = sum of |x_i| 2^-64 over |x_i| >= 1, out[1] = sum of |x_i| 2^64
+  // over |x_i| < 1.
+  void magnitude(const double* src, int w, double* out);
 
   // Pass 1. If src is given it is first copied into slot w (cast to float64,
-  // fused with the dots). out[i] = <V_i, w> for i < nv; out[nv] = <w, w>.
+  // times the source scale, fused with the dots). out[i] = <V_i, w> for i < nv; out[nv] = <w, w>.
   void dots(const double* src, int w, int nv, double* out);
   // Pass 2. w -= V[0:nv] h, then out[i] = <V_i, w>, out[nv] = <w, w>; each
   // tile of V is read from memory once, into shared memory, for both halves.
@@ -97,7 +105,7 @@ class CudaBasis {
   void combine(int nold, const double* C, int nnew);
   // Ritz buffer r <- slots [0, nold) * s.
   void ritz_vector(int nold, const double* s, int r);
-  // out[0] = |w - theta * ritz_r|^2 with w the matvec output (see set_source_format).
+  // out[0] = |s w - theta * ritz_r|^2 with w the matvec output (see set_source_format), s the source scale.
   void residual(const double* w, int r, double theta, double* out);
 
   // dst (n doubles, device-visible) <- src (n elements of dtype, stride in
@@ -157,6 +165,7 @@ class CudaBasis {
   double* scratch_[2] = {nullptr, nullptr};
   DType src_dtype_ = DType::F64;
   int64_t src_stride_ = 1;
+  double src_scale_ = 1.0;
   double bytes_ = 0.0;
   size_t device_bytes_ = 0;
 };

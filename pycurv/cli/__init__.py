@@ -7,6 +7,7 @@ Each subcommand lives in its own module with ``register(subparsers)``.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Optional, Sequence
 
@@ -34,7 +35,11 @@ def build_parser() -> Parser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the subcommand's parser, whose options the user was typing
+        sub = next((a.choices.get(args.command) for a in parser._actions  # noqa: SLF001 - argparse has no API
+                    if isinstance(a, argparse._SubParsersAction) and getattr(args, "command", None)), None)
+        (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from ._common import emit_json, positive_int
+from ._common import emit_json, positive_int, seed64
 
 
 def register(sub):
@@ -19,7 +19,7 @@ def register(sub):
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=positive_int, default=200_000, help="dimension (default 200000)")
     p.add_argument("--tol", type=float, default=1e-8, help="relative residual tolerance (default 1e-8)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=seed64, default=0, help="random seed, 0 <= seed < 2**64 (default 0)")
     p.add_argument("--json", action="store_true", help="strict JSON on stdout")
     p.set_defaults(func=run)
 

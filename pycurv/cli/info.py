@@ -12,7 +12,10 @@ _OPTIONAL = ("numpy", "scipy", "torch", "jax", "jaxlib", "cupy", "matplotlib")
 
 
 def register(sub):
-    p = sub.add_parser("info", help="versions, build flags and CUDA availability")
+    p = sub.add_parser("info", help="versions, build flags and CUDA availability",
+                       description="Versions of pycurv, Python and the optional packages, the compiled core's "
+                                   "build flags (OpenMP, compiler) and CUDA availability: paste it into bug "
+                                   "reports.")
     p.add_argument("--json", action="store_true", help="strict JSON on stdout")
     p.set_defaults(func=run)
 

@@ -13,7 +13,7 @@ import argparse
 import math
 import sys
 
-from ._common import CliError, emit_json, finite_float, positive_float, positive_int
+from ._common import CliError, emit_json, finite_float, output_file, positive_float, positive_int
 from .stability import coefficient, nonnegative_float
 
 
@@ -50,6 +50,13 @@ def fraction(text: str) -> float:
     return value
 
 
+def grid_size(text: str) -> int:
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2 (a grid from 1e-4 of the limit up to it), got {text!r}")
+    return value
+
+
 def register(sub):
     p = sub.add_parser("nqm", help="batch-size scaling in the noisy quadratic model",
                        description=__doc__.split("\n\n")[1])
@@ -73,25 +80,32 @@ def register(sub):
                    default=[2.0 ** k for k in range(13)], help="batch sizes (default 1,2,4,...,4096)")
     t.add_argument("--momentum", type=coefficient, default=0.0, help="heavy-ball momentum β (default 0)")
     t.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
-    t.add_argument("--lrs", type=positive_int, default=80, help="learning rates on the search grid (default 80)")
+    t.add_argument("--lrs", type=grid_size, default=80, help="learning rates on the search grid, >= 2 (default 80)")
     p.add_argument("--json", action="store_true", help="strict JSON on stdout")
-    p.add_argument("--plot", metavar="FILE", help="save steps against batch size (needs matplotlib)")
+    p.add_argument("--plot", metavar="FILE", type=output_file, help="save steps against batch size (needs matplotlib)")
     p.set_defaults(func=run)
 
 
 def _model(args):
     from ..stability import NoisyQuadraticModel
+    from ..stability.nqm import zhang_underflow
 
     if args.curvatures is not None:
         for flag in ("dim", "top", "power"):
             if getattr(args, flag) is not None:
                 raise CliError(f"--curvatures and --{flag} exclude each other")
         h = args.curvatures
+        _check_memory(len(h), args)
         desc = f"{len(h)} directions, λ1 = {max(h):g}"
     else:
         dim = 100 if args.dim is None else args.dim
         top = 1.0 if args.top is None else args.top
         power = 1.0 if args.power is None else args.power
+        first = zhang_underflow(dim, top, power)
+        if first is not None:
+            raise CliError(f"--power {power:g} with --dim {dim}: h_i = {top:g}·i^-{power:g} underflows to 0 from "
+                           f"i = {first} on; lower --power or --dim (at most {first - 1}), or raise --top")
+        _check_memory(dim, args)
         model = NoisyQuadraticModel.zhang(dim, top=top, power=power)
         h = model.curvatures
         desc = f"{dim} directions, h_i = {top:g}·i^-{power:g}"
@@ -107,6 +121,17 @@ def _model(args):
         c = [k * x for x in h]
         desc += ", noise c_i = h_i" if k == 1.0 else f", noise c_i = {k:g}·h_i"
     return NoisyQuadraticModel(h, c, args.init), desc
+
+
+def _check_memory(dim: int, args) -> None:
+    """Refuses, before building anything, a search that would not fit in memory (naming its bytes)."""
+    from ..stability.nqm import check_grid_memory
+
+    try:
+        check_grid_memory(dim, args.lrs, args.momentum > 0, f"--dim {dim} with --lrs {args.lrs}",
+                          "lower --dim or --lrs")
+    except MemoryError as exc:
+        raise CliError(str(exc)) from None
 
 
 def run(args) -> int:

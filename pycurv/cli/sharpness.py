@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any, Dict, Optional
 
-from ._common import CliError, emit_json, positive_float, positive_int
+from ._common import CliError, UserCodeError, emit_json, positive_float, positive_int
 from .stability import coefficient, nonnegative_float
 
 _OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
@@ -60,7 +60,8 @@ def register(sub):
                         "train (dropout on too; see --dropout-seed)")
     p.add_argument("--dropout-seed", type=int, default=None,
                    help="with --mode train: draw the same dropout masks in every product from this seed")
-    p.add_argument("--device", default=None, help="where the products run (default: the model's device)")
+    p.add_argument("--device", type=_device, default=None,
+                   help="where the products run (default: the model's device)")
     p.add_argument("--tol", type=positive_float, default=None,
                    help="relative residual tolerance (default: 1e-6 in float64, 2.4e-4 in float32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Lanczos start vector (default 0)")
@@ -69,6 +70,34 @@ def register(sub):
     p.add_argument("--no-min", action="store_true", help="skip the smallest eigenvalue")
     p.add_argument("--json", action="store_true", help="strict JSON on stdout")
     p.set_defaults(func=run)
+
+
+def _device(text: str) -> str:
+    """argparse type of --device: a torch device this torch can use (checked only where torch is installed)."""
+    import argparse
+
+    try:
+        import torch
+    except ImportError:  # the command itself says torch is missing
+        return text
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise argparse.ArgumentTypeError(f"{text!r} is not available: {why} (torch {torch.__version__}); "
+                                             "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r} does not exist: {torch.cuda.device_count()} CUDA "
+                                             "device(s) are visible")
+    elif dev.type != "cpu":  # torch.xpu, torch.mps, ...
+        backend = getattr(torch, dev.type, None) or getattr(torch.backends, dev.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise argparse.ArgumentTypeError(f"{text!r} is not available to this torch; use --device cpu or cuda")
+    return text
 
 
 # ---------------------------------------------------------------------------
@@ -84,7 +113,8 @@ def _load(target: Optional[str]):
     if path.endswith(".py") or os.path.sep in path or os.path.isfile(path):
         if not os.path.isfile(path):
             raise CliError(f"no such file: {path}")
-        module = _import_file(path)
+        files = (path,)
+        module = _users(_import_file, path, files=files)
         where = path
     else:
         if not func:
@@ -92,9 +122,15 @@ def _load(target: Optional[str]):
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
         try:
-            module = importlib.import_module(path)
-        except ImportError as exc:
-            raise CliError(f"cannot import module {path!r}: {exc}") from None
+            spec = importlib.util.find_spec(path)
+        except ImportError as exc:  # a parent package that is missing (or fails, then it is theirs)
+            if not isinstance(exc, ModuleNotFoundError) or not path.startswith(str(exc.name)):
+                raise UserCodeError(exc) from exc
+            spec = None
+        if spec is None:
+            raise CliError(f"cannot import module {path!r}: no module named {path!r}")
+        files = (spec.origin,) if spec.origin and os.path.isfile(spec.origin) else ()
+        module = _users(importlib.import_module, path, files=files)  # an ImportError inside it is theirs
         where = path
     name = func or "setup"
     fn = getattr(module, name, None)
@@ -104,7 +140,17 @@ def _load(target: Optional[str]):
     if not callable(fn):
         raise CliError(f"{where} defines no function {name}() (and no model, loss_fn, data variables); "
                        "it must return model, loss_fn, data[, optimizer]")
-    return fn(), target
+    return _users(fn, files=files), target
+
+
+def _users(fn, *args, files=()):
+    """Runs the user's code: whatever it raises (sys.exit included) is reported as theirs, with their line."""
+    try:
+        return fn(*args)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - every failure of their code is theirs, SystemExit too
+        raise UserCodeError(exc, files) from exc
 
 
 def _is_windows_drive(target: str) -> bool:

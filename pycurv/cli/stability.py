@@ -13,7 +13,7 @@ import argparse
 import math
 import sys
 
-from ._common import CliError, emit_json, finite_float, positive_float, positive_int
+from ._common import CliError, emit_json, finite_float, output_file, positive_float, positive_int
 
 _OPTIMIZER_FLAGS = ("momentum", "dampening", "nesterov", "weight_decay", "beta1", "beta2", "eps", "alpha")
 
@@ -38,13 +38,14 @@ def optimizer_name(text: str) -> str:
 
     name = text.strip().lower()
     if name not in OPTIMIZERS:
-        raise argparse.ArgumentTypeError(f"unknown optimizer {text!r} (choose from {', '.join(OPTIMIZERS)})")
+        raise argparse.ArgumentTypeError(f"unknown optimizer {text!r} (choose from {', '.join(OPTIMIZERS)}, "
+                                         "in any case)")
     return name
 
 
 def _add_common(p, *, need_lr: bool, need_sharpness: bool) -> None:
     p.add_argument("--optimizer", type=optimizer_name, required=True, metavar="{sgd,adam,adamw,rmsprop}",
-                   help="optimizer, PyTorch conventions (case-insensitive)")
+                   help="optimizer, PyTorch conventions; any case (SGD, Adam, AdamW, RMSprop as in torch.optim)")
     if need_lr:
         p.add_argument("--lr", type=positive_float, required=True, help="learning rate η > 0")
     p.add_argument("--sharpness", type=nonnegative_float, required=need_sharpness,
@@ -65,7 +66,8 @@ def _add_common(p, *, need_lr: bool, need_sharpness: bool) -> None:
     n.add_argument("--curvature-variance", type=nonnegative_float, dest="curvature_variance",
                    help="variance s² of the per-example curvatures along the top direction")
     p.add_argument("--json", action="store_true", help="strict JSON on stdout")
-    p.add_argument("--plot", metavar="FILE", help="save the stability region in the (η, λ1) plane (needs matplotlib)")
+    p.add_argument("--plot", metavar="FILE", type=output_file,
+                   help="save the stability region in the (η, λ1) plane (needs matplotlib)")
 
 
 _NOISE_DOC = ("Hyper-parameters follow PyTorch. With --batch-size, --dataset-size and --curvature-variance "

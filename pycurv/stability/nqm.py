@@ -36,6 +36,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .._checks import as_real, check_lr
+from .._memory import available_bytes, require_bytes
 from .quadratic import _resolve, max_stable_lr
 
 __all__ = [
@@ -99,8 +100,14 @@ class NoisyQuadraticModel:
         """h_i = top · i^(−power) for i = 1..dim, c_i = noise_scale · h_i (Zhang et al. 2019, §3.2)."""
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
             raise ValueError(f"dim must be an integer >= 1, got dim={dim!r}")
+        top, power = as_real("top", top), as_real("power", power)
+        first = zhang_underflow(int(dim), top, power)
+        if first is not None:
+            raise ValueError(f"h_i = top·i^-power underflows to 0 from i = {first} on (top={top:g}, power={power:g}, "
+                             f"dim={dim}): every curvature must be a positive float64; lower power or dim, or raise "
+                             "top")
         i = np.arange(1, int(dim) + 1, dtype=np.float64)
-        h = as_real("top", top) * i ** (-as_real("power", power))
+        h = top * i ** (-power)
         return cls(h, as_real("noise_scale", noise_scale) * h, init)
 
     @property
@@ -121,7 +128,10 @@ class NoisyQuadraticModel:
         """B_simple = tr(Σ)/‖G‖² at the start, with Σ = diag(c) and E‖G‖² = Σ h_i² E[θ_i,0²]."""
         from .noise_scale import simple_noise_scale
 
-        return simple_noise_scale(float(self.noise.sum()), float(self.curvatures ** 2 @ self.init))
+        # In units of max h: h² overflows from h ~ 1e154 on, the ratio does not.
+        top = float(self.curvatures.max())
+        trace = float(self.noise.sum()) / top / top
+        return simple_noise_scale(trace, float((self.curvatures / top) ** 2 @ self.init))
 
     def scaled(self, factor) -> "NoisyQuadraticModel":
         """The same model with every curvature multiplied by ``factor`` and the noise unchanged."""
@@ -134,6 +144,70 @@ class NoisyQuadraticModel:
 # --- the exact second-moment recursion ----------------------------------------------------------
 
 
+class _RowsCache:
+    """The scan's per-learning-rate tables, kept while they fit in a byte budget.
+
+    Without a bound they grew with every learning rate of the grid (2 KiB per
+    direction each): tens of GB at a million directions. The search visits the
+    learning rates in the same order for every batch size, so past the budget
+    a new table is used once and dropped rather than evicting an older one
+    (least-recently-used eviction would miss on every visit of such a cycle).
+    """
+
+    def __init__(self, budget: int):
+        self.budget = int(budget)
+        self.entries: dict = {}
+        self.bytes = 0
+
+    def get(self, key: int):
+        return self.entries.get(key)
+
+    def put(self, key: int, entry: tuple) -> None:
+        size = sum(a.nbytes for a in entry)
+        if self.bytes + size <= self.budget:
+            self.entries[key] = entry
+            self.bytes += size
+
+
+_SCAN_CACHE_BYTES = 256 << 20   # all learning rates' scan tables together
+_SCAN_TABLE_BYTES = 32 << 20    # one learning rate's table: fewer steps per block for many directions
+_SCAN_BLOCK = 256
+
+
+def _scan_block(d: int, m: int) -> int:
+    return int(max(8, min(_SCAN_BLOCK, _SCAN_TABLE_BYTES // (8 * d * m))))
+
+
+def _grid_bytes(d: int, n_lrs: int, m: int) -> float:
+    """Bytes a grid search over ``n_lrs`` learning rates holds at its peak, for d directions and m moments."""
+    per_lr = 8.0 * d * (m * m + m)                              # K and the noise of each learning rate
+    shared = 8.0 * d * (4 + m)                                  # h, c, init, ½h, the start moments
+    work = 8.0 * d * (12 * m * m + 8)                           # temporaries while one is built and solved
+    tables = min(_SCAN_CACHE_BYTES, n_lrs * 8.0 * d * m * (_scan_block(d, m) + m))
+    return n_lrs * per_lr + shared + work + tables
+
+
+def check_grid_memory(d: int, n_lrs: int, momentum: bool, what: str, fix: str) -> None:
+    """MemoryError naming the bytes when a grid search would not fit in what this process may still take."""
+    require_bytes(_grid_bytes(d, n_lrs, 3 if momentum else 1), what, fix)
+
+
+def zhang_underflow(dim: int, top: float, power: float) -> Optional[int]:
+    """The first i <= dim whose h_i = top·i^-power underflows to 0 (None if none does), without building h."""
+    if top <= 0 or power <= 0 or top * float(dim) ** (-power) > 0:
+        return None
+    lo, hi = 1, dim  # h_lo > 0 or lo = 1; h_hi == 0; h decreases with i
+    if top * 1.0 == 0:
+        return 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if top * float(mid) ** (-power) > 0:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
 @dataclass(frozen=True)
 class _Dynamics:
     """Per-direction affine recurrence s ← K s + n of the second moments (m = 1 or 3 moments)."""
@@ -141,27 +215,44 @@ class _Dynamics:
     k: np.ndarray        # (d, m, m)
     noise: np.ndarray    # (d, m): n for batch size 1 (divide by B)
     weights: np.ndarray  # (d,): ½ h_i, E[L] = Σ weights · s[:, 0]
-    s0: np.ndarray       # (d, m)
+    s0: np.ndarray       # (d, m), read-only (shared by every learning rate of a grid)
     stable: bool         # every direction's iteration matrix has ρ < 1
     cache: dict = field(default_factory=dict, compare=False, hash=False)
+    tables: Optional[_RowsCache] = field(default=None, compare=False, hash=False)  # the grid's, if any
 
     @property
     def m(self) -> int:
         return self.k.shape[1]
 
 
-def _dynamics(model: NoisyQuadraticModel, lr: float, hp: dict) -> _Dynamics:
+def _shared(model: NoisyQuadraticModel, m: int) -> tuple:
+    """½h and the start moments: the same for every learning rate, built once per grid."""
+    d = model.curvatures.size
+    if m == 1:
+        s0 = model.init.reshape(d, 1)
+    else:
+        s0 = np.zeros((d, 3))
+        s0[:, 0] = model.init
+        s0.setflags(write=False)
+    weights = 0.5 * model.curvatures
+    weights.setflags(write=False)
+    return weights, s0
+
+
+def _dynamics(model: NoisyQuadraticModel, lr: float, hp: dict, shared: Optional[tuple] = None,
+              tables: Optional[_RowsCache] = None) -> _Dynamics:
     h, c = model.curvatures, model.noise
     d = h.size
     beta = hp["momentum"]
     ell = h + hp["weight_decay"]
+    weights, s0 = shared if shared is not None else _shared(model, 1 if beta == 0.0 else 3)
     if beta == 0.0:
         r = (1.0 - lr * ell) ** 2
         k = r.reshape(d, 1, 1)
-        noise = (lr * lr * c).reshape(d, 1)
-        s0 = model.init.reshape(d, 1).copy()
+        with np.errstate(over="ignore"):  # an overflowing noise is a target out of reach, judged by _steps
+            noise = ((lr * lr) * c).reshape(d, 1)
         stable = bool(np.all(np.abs(1.0 - lr * ell) < 1.0))
-        return _Dynamics(k, noise, 0.5 * h, s0, stable)
+        return _Dynamics(k, noise, weights, s0, stable, tables=tables)
     if hp["nesterov"]:
         p, q, rr, w = 1.0 - lr * (1.0 + beta) * ell, -lr * beta * beta, ell, beta
         u1, u2 = -lr * (1.0 + beta), 1.0
@@ -177,16 +268,17 @@ def _dynamics(model: NoisyQuadraticModel, lr: float, hp: dict) -> _Dynamics:
         np.stack([p * rr, p * w + q * rr, q * w], axis=-1),
         np.stack([rr * rr, 2 * rr * w, w * w], axis=-1),
     ], axis=1)
-    noise = np.outer(c, [u1 * u1, u1 * u2, u2 * u2])
-    s0 = np.zeros((d, 3))
-    s0[:, 0] = model.init
+    with np.errstate(over="ignore"):
+        noise = np.outer(c, [u1 * u1, u1 * u2, u2 * u2])
     mats = np.empty((d, 2, 2))
     mats[:, 0, 0], mats[:, 0, 1], mats[:, 1, 0], mats[:, 1, 1] = p, q, rr, w
     stable = bool(np.all(np.max(np.abs(np.linalg.eigvals(mats)), axis=1) < 1.0))
-    return _Dynamics(k, noise, 0.5 * h, s0, stable)
+    return _Dynamics(k, noise, weights, s0, stable, tables=tables)
 
 
 def _steady(dyn: _Dynamics, batch_size: float) -> np.ndarray:
+    if math.isinf(batch_size):  # no noise (and no inf / inf where the noise overflowed)
+        return np.zeros_like(dyn.noise)
     n = dyn.noise / batch_size
     if dyn.m == 1:
         return n / (1.0 - dyn.k[:, :, 0])
@@ -250,8 +342,9 @@ def _steps(dyn: _Dynamics, batch_size: float, target: float, max_steps: int) -> 
         return 0.0
     if not dyn.stable:
         return math.inf
-    s_inf = _steady(dyn, batch_size)
-    l_inf = float(dyn.weights @ s_inf[:, 0])
+    with np.errstate(over="ignore", invalid="ignore"):  # a steady state beyond float64 is out of reach
+        s_inf = _steady(dyn, batch_size)
+        l_inf = float(dyn.weights @ s_inf[:, 0])
     if not l_inf < target:
         return math.inf
     dev = s0 - s_inf
@@ -281,19 +374,24 @@ def _steps(dyn: _Dynamics, batch_size: float, target: float, max_steps: int) -> 
 
 def _scan(dyn: _Dynamics, dev: np.ndarray, l_inf: float, target: float, max_steps: int) -> float:
     """First hit by blocks: E[L_{t0+j}] − E[L_∞] = Σ_i ½h_i [K_i^j dev_i(t0)]_0 for j < T."""
-    block = 256
-    if "rows" not in dyn.cache:
-        # Depends on η only (not on B): built once per learning rate.
-        d, m = dev.shape
+    d, m = dev.shape
+    block = _scan_block(d, m)
+    entry = dyn.tables.get(id(dyn)) if dyn.tables is not None else dyn.cache.get("rows")
+    if entry is None:
+        # Depends on η only (not on B): built once per learning rate (while the grid's budget keeps it).
         rows = np.empty((block, d, m))   # rows[j] = first row of K^j, per direction
         row = np.zeros((d, m))
         row[:, 0] = 1.0
         for j in range(block):
             rows[j] = row
             row = np.einsum("di,dij->dj", row, dyn.k)
-        dyn.cache["rows"] = rows * dyn.weights[None, :, None]
-        dyn.cache["jump"] = np.linalg.matrix_power(dyn.k, block)
-    rows, jump = dyn.cache["rows"], dyn.cache["jump"]
+        rows *= dyn.weights[None, :, None]
+        entry = (rows, np.linalg.matrix_power(dyn.k, block))
+        if dyn.tables is not None:
+            dyn.tables.put(id(dyn), entry)
+        else:
+            dyn.cache["rows"] = entry
+    rows, jump = entry
     t0 = 0
     while t0 <= max_steps:
         losses = l_inf + np.einsum("tdm,dm->t", rows, dev)
@@ -352,7 +450,14 @@ def _grid(model, lrs, hp) -> tuple[np.ndarray, list]:
     if lrs is None:
         lrs = nqm_lr_grid(model, **hp)
     lrs = np.asarray([check_lr(x) for x in np.atleast_1d(lrs)], dtype=np.float64)
-    return lrs, [_dynamics(model, float(lr), hp) for lr in lrs]
+    m = 1 if hp["momentum"] == 0.0 else 3
+    check_grid_memory(model.dim, lrs.size, m == 3,
+                      f"the noisy quadratic model's search over {lrs.size} learning rates for {model.dim} directions",
+                      "use fewer directions or learning rates")
+    room = available_bytes()
+    tables = _RowsCache(_SCAN_CACHE_BYTES if room is None else min(_SCAN_CACHE_BYTES, room // 4))
+    shared = _shared(model, m)
+    return lrs, [_dynamics(model, float(lr), hp, shared, tables) for lr in lrs]
 
 
 def nqm_best_lr(model: NoisyQuadraticModel, batch_size, target, *, lrs: Optional[Sequence[float]] = None,

@@ -27,6 +27,15 @@
 // eigenvalue; with check_multiplicity the converged wanted pairs are locked and
 // a fresh random chain in their orthogonal complement must converge without
 // entering the wanted set before the answer is accepted.
+//
+// Scale. Squared norms of vectors near 1e-160 underflow and near 1e160
+// overflow, so the state never sums squares of the caller's raw numbers: the
+// first nonzero product (and a caller's start vector) is first measured with
+// sums of |x| that cannot under- or overflow (CpuBasis::magnitude), and every
+// product is then read multiplied by a fixed even power of two s that brings
+// it near 1. Powers of two scale every operation exactly, so the state runs
+// on s A, bit for bit what it would do on A where no squared norm leaves the
+// range, and reports eigenvalues and residuals divided by s.
 #pragma once
 
 #include <algorithm>
@@ -65,6 +74,14 @@ struct Options {
   double unit_roundoff = 0x1p-53;  // of the arithmetic inside the matvec
 };
 
+// The smallest relative residual that the recurrence's estimate |f| |b^T s|
+// certifies on its own: the true residual differs from it by the rounding of
+// the product and of the basis, about sqrt(n) eps |A| (64 for a wide margin).
+// A tolerance below it is confirmed by residuals computed from A y.
+inline double certifiable_tol(int64_t n) {
+  return 64.0 * 0x1p-53 * std::sqrt(static_cast<double>(std::max<int64_t>(n, 1)));
+}
+
 // Raised when a reduced norm of A q is NaN or Inf.
 class NonFiniteError : public std::runtime_error {
  public:
@@ -96,6 +113,9 @@ class Lanczos {
     h_.assign(m + 2, 0.0);
     red_.assign(m + 2, 0.0);
     need_verify_ = o_.check_multiplicity && o_.k >= 2;
+    tol_est_ = std::max(o_.tol, certifiable_tol(o_.n_global));
+    if (o_.tol < tol_est_ && !o_.explicit_residuals)
+      throw std::invalid_argument("tol below certifiable_tol(n) needs explicit_residuals (see make_options)");
   }
 
   // ---- driver interface -------------------------------------------------
@@ -103,8 +123,22 @@ class Lanczos {
     for (;;) {
       switch (pc_) {
         case Pc::Start: {
-          if (!o_.start_given) B_->random_normal(0, rng_key(o_.seed, stream_++), o_.offset);
           chain_user_ = o_.start_given;
+          if (o_.start_given) {  // the caller's numbers may be anywhere in the float64 range
+            B_->magnitude(nullptr, 0, red_.data());
+            gate(Pc::StartMeasured, 2);
+            break;
+          }
+          B_->random_normal(0, rng_key(o_.seed, stream_++), o_.offset);
+          ortho_begin(0, 0, /*src=*/nullptr, Pc::StartDone);
+          break;
+        }
+        case Pc::StartMeasured: {
+          int e = 0;
+          const int m = magnitude_exponent(red_[0], red_[1], &e);
+          if (m < 0) throw std::invalid_argument("the start vector is not finite");
+          if (m == 0) throw std::invalid_argument("the start vector is zero");
+          B_->scale(0, std::ldexp(1.0, scale_exponent(e)));
           ortho_begin(0, 0, /*src=*/nullptr, Pc::StartDone);
           break;
         }
@@ -126,6 +160,24 @@ class Lanczos {
         }
         case Pc::AfterMatvec: {
           ++n_matvecs_;
+          if (!scaled_) {  // until a product is nonzero, its scale is unknown
+            B_->magnitude(out_ptr_, 0, red_.data());
+            gate(Pc::ProductMeasured, 2);
+            break;
+          }
+          const int s = L_ + a_;
+          ortho_begin(s + 1, s + 1, out_ptr_, Pc::StepDone);
+          break;
+        }
+        case Pc::ProductMeasured: {
+          int e = 0;
+          const int m = magnitude_exponent(red_[0], red_[1], &e);
+          if (m < 0) throw NonFiniteError("matvec returned non-finite values", n_matvecs_);
+          if (m > 0) {  // a zero product stays zero whatever the scale: decide at the first nonzero one
+            scale_exp_ = scale_exponent(e);
+            scaled_ = true;
+            B_->set_source_scale(std::ldexp(1.0, scale_exp_));
+          }
           const int s = L_ + a_;
           ortho_begin(s + 1, s + 1, out_ptr_, Pc::StepDone);
           break;
@@ -213,46 +265,80 @@ class Lanczos {
   int n_verify_rounds() const { return n_verify_; }
   int basis_size() const { return L_ + a_; }
   int n_locked() const { return L_; }
-  double anorm() const { return anorm_; }
+  double anorm() const { return unscale(anorm_); }
   double noise_level() const { return noise_; }
-  double asymmetry() const { return asym_; }
+  double asymmetry() const { return unscale(asym_); }
   double max_h2_ratio() const { return h2_ratio_; }
   bool residuals_explicit() const { return explicit_done_; }
-  // Wanted Ritz values (wanted end first), their residual norms and bounds.
-  const std::vector<double>& values() const { return out_values_; }
-  const std::vector<double>& residuals() const { return out_res_; }
+  // Wanted Ritz values (wanted end first), their residual norms and bounds,
+  // in the units of A (the state works on s A; see "Scale" above).
+  std::vector<double> values() const { return unscaled(out_values_); }
+  std::vector<double> residuals() const { return unscaled(out_res_); }
   std::vector<double> current_values() {
     std::vector<double> v;
     for (int w : wanted_) v.push_back(cand_value(w));
-    return v;
+    return unscaled(v);
   }
   std::vector<double> current_residuals() {
     std::vector<double> v;
     for (int w : wanted_) v.push_back(cand_rho(w));
-    return v;
+    return unscaled(v);
   }
   int n_vectors() const { return static_cast<int>(out_values_.size()); }
   // Every current Ritz value (locked and active), for gap estimates.
   std::vector<double> ritz_values() const {
     std::vector<double> v(lock_theta_.begin(), lock_theta_.end());
     v.insert(v.end(), theta_.begin(), theta_.begin() + a_);
-    return v;
+    return unscaled(v);
   }
+  // log2 of the factor s the products are multiplied by (0 until a product is nonzero).
+  int scale_exponent() const { return scale_exp_; }
   // The matvec's arithmetic can be learned from its first output.
   void set_unit_roundoff(double u) { o_.unit_roundoff = u; }
   bool vectors_ready() const { return vectors_ready_; }
   // History, one entry per Lanczos step: matvecs so far, best wanted Ritz
   // value, largest relative residual among the wanted.
   const std::vector<double>& hist_matvecs() const { return hist_mv_; }
-  const std::vector<double>& hist_value() const { return hist_val_; }
+  std::vector<double> hist_value() const { return unscaled(hist_val_); }
   const std::vector<double>& hist_residual() const { return hist_res_; }
 
  private:
   enum class Pc {
-    Start, StartDone, Expand, AfterMatvec, Gate, OrthoP1R, OrthoP2R, OrthoP3R,
-    StepDone, AfterStep, InjectDone, CheckNext, CheckMatvec, CheckAfterMatvec,
+    Start, StartMeasured, StartDone, Expand, AfterMatvec, ProductMeasured, Gate, OrthoP1R, OrthoP2R,
+    OrthoP3R, StepDone, AfterStep, InjectDone, CheckNext, CheckMatvec, CheckAfterMatvec,
     CheckResidual, Finish, Done
   };
+
+  // ---- scale ---------------------------------------------------------------
+  // From the reduced sums of Basis::magnitude (big: |x| 2^-64 over |x| >= 1;
+  // small: |x| 2^64 over |x| < 1): 1 and *e with 2^e within a factor 2 of the
+  // largest sum, so max|x| / 2 <= 2^e <= n max|x|; 0 for the zero vector; -1
+  // if the vector is not finite.
+  static int magnitude_exponent(double big, double small, int* e) {
+    if (!std::isfinite(big) || !std::isfinite(small)) return -1;
+    if (big > 0.0) {
+      *e = std::ilogb(big) + 64;
+      return 1;
+    }
+    if (small > 0.0) {
+      *e = std::ilogb(small) - 64;
+      return 1;
+    }
+    return 0;
+  }
+  // The even exponent p with 2^p 2^e in [1, 4): entries of the scaled vector
+  // lie within [1/n, 4] of each other at the top, so its squared norm neither
+  // under- nor overflows. Even, so that square roots scale exactly too;
+  // within [-1022, 1022], so that 2^p is a normal number.
+  static int scale_exponent(int e) {
+    const int p = -(e - (((e % 2) + 2) % 2));
+    return std::max(-1022, std::min(1022, p));
+  }
+  double unscale(double x) const { return std::ldexp(x, -scale_exp_); }
+  std::vector<double> unscaled(std::vector<double> v) const {
+    for (double& x : v) x = unscale(x);
+    return v;
+  }
 
   // The first n values of red_ hold this process's partial sums; they must be
   // summed over processes (a REDUCE request) before the state goes on at next.
@@ -388,7 +474,7 @@ class Lanczos {
   double cand_rho(int c) const { return c < L_ ? lock_rho_[c] : rho_[c - L_]; }
   double scale_of(double v) const { return std::max(std::fabs(v), anorm_); }
   bool cand_converged(int c) const {
-    return cand_rho(c) <= est_safety_ * o_.tol * scale_of(cand_value(c));
+    return cand_rho(c) <= est_safety_ * tol_est_ * scale_of(cand_value(c));
   }
 
   // Orders candidates best first for `which` (for BE: alternately from the top
@@ -480,7 +566,7 @@ class Lanczos {
   // better than the worst locked wanted value by more than the tolerance.
   bool beats_locked(int w) const {
     const double v = cand_value(w);
-    const double tie = o_.tol * scale_of(v);
+    const double tie = tol_est_ * scale_of(v);
     bool beats = false;
     if (o_.which != Which::SA) {
       double worst = INFINITY;
@@ -506,7 +592,7 @@ class Lanczos {
     auto settled = [this](int c, double boundary) {
       const double v = cand_value(c);
       const double slack = std::isfinite(boundary) ? 0.1 * std::fabs(boundary - v) : 0.0;
-      return cand_rho(c) <= std::max(est_safety_ * o_.tol * scale_of(v), slack);
+      return cand_rho(c) <= std::max(est_safety_ * tol_est_ * scale_of(v), slack);
     };
     bool ok = true;
     if (o_.which != Which::SA) {  // top of the chain against the lowest locked high value
@@ -719,8 +805,22 @@ class Lanczos {
     // matvec is not the fixed symmetric operator the estimate assumes to this
     // accuracy (low-precision or non-deterministic arithmetic). Iterating
     // cannot go below that floor.
+    const bool more = ratio <= 10.0 && !stagnated_ && n_matvecs_ < o_.max_matvecs;
+    if (o_.tol < tol_est_) {
+      // A tolerance below what the recurrence certifies: iterate while the
+      // computed residual follows the estimate down; once the estimate falls
+      // below it (ratio > 10), rounding in float64 is the floor.
+      noise_ = worst;
+      if (more && n_checks_failed_ < 6) {
+        ++n_checks_failed_;
+        est_safety_ *= 0.01 / std::max(ratio, 1.0);
+        explicit_done_ = false;
+        select_wanted();
+        return continue_search();
+      }
+    }
     noise_ = std::max(noise_, worst);
-    if (ratio > 10.0 || stagnated_ || n_checks_failed_ >= 2 || n_matvecs_ >= o_.max_matvecs) {
+    if (!more || n_checks_failed_ >= 2) {
       vectors_ready_ = vectors_now;
       return finish(n_matvecs_ >= o_.max_matvecs && ratio <= 10.0 && !stagnated_ ? Status::MaxMatvecs
                                                                               : Status::NoiseFloor,
@@ -760,6 +860,9 @@ class Lanczos {
 
   Options o_;
   Basis* B_;
+  double tol_est_ = 0.0;  // tolerance for the recurrence's residual estimates: max(tol, certifiable_tol)
+  bool scaled_ = false;   // the products' scale is known (a product was nonzero)
+  int scale_exp_ = 0;     // products are read multiplied by 2^scale_exp_
   Pc pc_ = Pc::Start;
   Phase phase_ = Phase::Main;
   Status status_ = Status::Running;
