@@ -35,10 +35,11 @@ def _modules():
         if is_package:
             parts = parts[:-1]
         out[".".join(parts)] = (path, is_package)
-    for path in sorted(list(ROOT.rglob("*.so")) + list(ROOT.rglob("*.pyd"))):  # compiled: no imports of ours
+    # Compiled modules import nothing of ours; a stub (.pyi) declares one that this build may lack (_cuda).
+    for path in sorted(list(ROOT.rglob("*.so")) + list(ROOT.rglob("*.pyd")) + list(ROOT.rglob("*.pyi"))):
         parts = list(path.relative_to(ROOT.parent).parts)
         parts[-1] = parts[-1].split(".")[0]
-        out[".".join(parts)] = (None, False)
+        out.setdefault(".".join(parts), (None, False))
     return out
 
 
