@@ -239,3 +239,22 @@ def test_optimizer_flags_and_max_matvecs(capsys):
     assert d["lambda_max"]["value"] < lam1
     code, _, err = _run(capsys, "--beta1", "0.8")
     assert code == 2 and "beta1" in err
+
+
+def test_nan_parameters_are_one_line_naming_nan(tmp_path, capsys):
+    path = tmp_path / "nan_setup.py"
+    path.write_text(textwrap.dedent("""
+        import torch
+        import torch.nn.functional as F
+
+        def setup():
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3)).double()
+            with torch.no_grad():
+                model[0].weight[0, 0] = float("nan")
+            return model, F.cross_entropy, (torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,)))
+    """))
+    code, out, err = _run(capsys, str(path))
+    assert code == 1 and out == "" and len(err.splitlines()) == 1
+    assert err.startswith("pycurv sharpness: error: NonFiniteMatvecError: the Hessian-vector product has ")
+    assert "(the loss is nan)" in err and "dropout" not in err

@@ -56,7 +56,7 @@ def run_command(func: Callable, args, *, prog: str) -> int:
     the user's own code (their setup, model or loss) is reported as theirs:
     their file and line, the traceback of their frames, exit status 1.
     """
-    from ..errors import MissingDependencyError
+    from ..errors import MissingDependencyError, PycurvError
 
     try:
         return int(func(args) or 0)
@@ -69,6 +69,13 @@ def run_command(func: Callable, args, *, prog: str) -> int:
     except (CliError, MissingDependencyError) as exc:
         sys.stderr.write(f"{prog}: error: {_one_line(exc)}\n")
         return 2
+    except PycurvError as exc:
+        if isinstance(exc, (ValueError, TypeError)):  # an argument pycurv rejected
+            sys.stderr.write(f"{prog}: error: {_one_line(exc)}\n")
+            return 2
+        # What the measurement found (NaN products, no convergence): said in one line, exit 1.
+        sys.stderr.write(f"{prog}: error: {type(exc).__name__}: {_one_line(exc)}\n")
+        return 1
     except BaseException as exc:  # noqa: BLE001 - classified below, re-raised if it is pycurv's own bug
         report = user_code_report(prog, exc)
         if report is not None:
