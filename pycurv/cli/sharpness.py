@@ -36,7 +36,7 @@ def register(sub):
                         "(default: a built-in example)")
     p.add_argument("--lr", type=positive_float, default=None,
                    help="learning rate to judge (default: the returned optimizer's)")
-    p.add_argument("--optimizer", choices=_OPTIMIZERS, default=None,
+    p.add_argument("--optimizer", type=str.lower, choices=_OPTIMIZERS, default=None,
                    help="optimizer whose threshold applies with --lr (default: the returned optimizer's, else sgd)")
     g = p.add_argument_group("optimizer hyper-parameters (override the returned optimizer's, or with --lr)")
     g.add_argument("--momentum", type=coefficient, default=None, help="momentum β (sgd, rmsprop; default 0)")
