@@ -12,6 +12,8 @@ float64 ``matvec`` built on those.
 from __future__ import annotations
 
 import math
+import numbers
+import os
 from typing import Optional
 
 import numpy as np
@@ -70,6 +72,30 @@ def batch_weight(reduction: str, n_b: int) -> float:
     return float(n_b) if reduction == "mean" else 1.0
 
 
+def cache_budget(cache, free_bytes) -> int:
+    """Bytes of per-batch linearisations an operator may hold.
+
+    ``cache``: None or True for a quarter of ``free_bytes()`` (the device's free
+    memory), False or 0 for none, or a budget in bytes.
+    """
+    if cache is None or cache is True:
+        return int(free_bytes() // 4)
+    if cache is False:
+        return 0
+    if isinstance(cache, bool) or not isinstance(cache, numbers.Real) or not cache >= 0 or not math.isfinite(cache):
+        raise ValueError(f"cache must be True, False, None (a quarter of the free memory) or a budget in bytes >= 0, "
+                         f"got cache={cache!r}")
+    return int(cache)
+
+
+def host_free_bytes() -> int:
+    """Free host memory in bytes (8 GiB where the system does not say)."""
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it
+        return 8 * 2**30
+
+
 def check_one_shot(data, name: str = "data"):
     """Rejects iterators that can be consumed only once: each HVP passes over the data again.
 
@@ -103,6 +129,8 @@ class HVPOperator(Operator):
     framework = "?"
 
     def __init__(self, *, check_determinism: bool, probe_rtol: Optional[float]):
+        if not hasattr(self, "_cache"):  # an adapter without per-batch linearisations
+            self._init_cache(0)
         self.n_hvps = 0
         self.n_samples = None
         self._probe_pending = bool(check_determinism)
@@ -167,8 +195,53 @@ class HVPOperator(Operator):
         return self._compare(self.hvp(t), self._probe_hvp(t), rtol=rtol)
 
     def _probe_hvp(self, v):
-        """The probe's second product: recomputed from scratch where the first may reuse cached work."""
-        return self.hvp(v)
+        """The probe's second product: recomputed from scratch, not through the cached linearisations."""
+        self._bypass_cache = True
+        try:
+            return self.hvp(v)
+        finally:
+            self._bypass_cache = False
+
+    # -- per-batch linearisations held for a solve --------------------------
+    def _init_cache(self, budget: int) -> None:
+        self.cache_budget = int(budget)
+        self._cache: list = []        # per batch index: the framework's linearisation, or None past the budget
+        self._cache_full = False      # the budget is spent: later batches are recomputed in every product
+        self._bypass_cache = False    # set while the probe recomputes
+
+    def _entry_bytes(self, entry) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _cached(self, index: int, build):
+        """Batch ``index``'s linearisation: held, or ``build()`` now. Past the budget it is returned for
+        this one product and not kept, and later batches are not built (None: recompute)."""
+        if index < len(self._cache):
+            return self._cache[index]
+        if self._cache_full:
+            self._cache.append(None)
+            return None
+        entry = build()
+        if self.cache_bytes + self._entry_bytes(entry) > self.cache_budget:
+            self._cache_full = True
+            self._cache.append(None)
+        else:
+            self._cache.append(entry)
+        return entry
+
+    @property
+    def cache_batches(self) -> int:
+        """Batches whose linearisation is held now."""
+        return sum(1 for e in self._cache if e is not None)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes the held linearisations take."""
+        return int(sum(self._entry_bytes(e) for e in self._cache if e is not None))
+
+    def release(self) -> None:
+        """Frees the held linearisations (the solver calls it when a solve ends; the next product rebuilds them)."""
+        self._cache = []
+        self._cache_full = False
 
     def _compare(self, y1, y2, rtol: Optional[float] = None) -> float:
         rtol = self.probe_rtol if rtol is None else float(rtol)

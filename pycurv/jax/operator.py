@@ -145,11 +145,9 @@ class HessianOperator(HVPOperator):
         if hvp not in ("auto", "forward"):
             raise ValueError(f"hvp must be 'auto' (jax.linearize once per batch, cached) or 'forward' "
                              f"(jvp of grad in every product), got hvp={hvp!r}")
-        self.cache_budget = _cache_budget(cache, self._jax_device)
+        # per batch: the gradient linearised at the parameters (a jax.tree_util.Partial)
+        self._init_cache(_adapter.cache_budget(cache, lambda: _free_bytes(self._jax_device)))
         self.hvp_method = "linearized" if hvp == "auto" and self.cache_budget > 0 else "forward-over-reverse"
-        self._cache: list = []  # per batch: the linearised gradient (a jax.tree_util.Partial), or None
-        self._cache_full = False
-        self._bypass_cache = False
 
         self.preconditioned = preconditioner is not None
         self.preconditioner_diagonal = None
@@ -265,26 +263,13 @@ class HessianOperator(HVPOperator):
         source = [self._data] if self._single else self._data
         return sum((_leading(b) or 1) for b in source)
 
-    # -- products ----------------------------------------------------------
     # -- cached linearisations -----------------------------------------------
-    def _linearised(self, index: int, batch):
-        """Batch ``index``'s gradient linearised at the parameters (jitted), built now if the budget allows."""
-        if index < len(self._cache):
-            return self._cache[index]
-        if self._cache_full:
-            self._cache.append(None)
-            return None
-        lin = self._linearize(self._flat, batch)
-        if self.cache_bytes + _nbytes(lin) > self.cache_budget:
-            self._cache_full = True
-            self._cache.append(None)
-            return None
-        self._cache.append(lin)
-        return lin
+    def _entry_bytes(self, entry) -> int:
+        return _nbytes(entry)
 
     def _batch_product(self, index: int, v, batch):
         if self.hvp_method == "linearized" and not self._bypass_cache:
-            lin = self._linearised(index, batch)
+            lin = self._cached(index, lambda: self._linearize(self._flat, batch))
             if lin is not None:
                 return self._apply(lin, v)
         return self._batch_hvp(self._flat, v, batch)
@@ -295,26 +280,6 @@ class HessianOperator(HVPOperator):
         import os
 
         return (os.cpu_count() or 1) if self._jax_device.platform == "cpu" else None
-
-    @property
-    def cache_batches(self) -> int:
-        return sum(1 for e in self._cache if e is not None)
-
-    @property
-    def cache_bytes(self) -> int:
-        return int(sum(_nbytes(e) for e in self._cache if e is not None))
-
-    def release(self) -> None:
-        """Frees the cached linearisations (the solver calls it when a solve ends)."""
-        self._cache = []
-        self._cache_full = False
-
-    def _probe_hvp(self, v):
-        self._bypass_cache = True
-        try:
-            return self.hvp(v)
-        finally:
-            self._bypass_cache = False
 
     # -- products ----------------------------------------------------------
     def _raw_hvp(self, v):
@@ -440,26 +405,12 @@ def _nbytes(tree) -> int:
     return int(sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree_util.tree_leaves(tree)))
 
 
-def _cache_budget(cache, device) -> int:
-    """Bytes of linearisations an operator may hold: ``cache`` as given, or a quarter of the free memory."""
-    if cache is False:
-        return 0
-    if cache is not None and cache is not True:
-        if isinstance(cache, bool) or not isinstance(cache, numbers.Real) or not cache >= 0 or not math.isfinite(cache):
-            raise ValueError(f"cache must be True, False, None (a quarter of the free memory) or a budget in bytes "
-                             f">= 0, got cache={cache!r}")
-        return int(cache)
-    stats = None
+def _free_bytes(device) -> int:
+    """Free memory of a JAX device: its allocator's limit less what it holds, or the host's."""
     try:
         stats = device.memory_stats()
     except Exception:  # noqa: BLE001 - CPU devices and some backends report nothing
         stats = None
     if stats and "bytes_limit" in stats:
-        return int(max(0, stats["bytes_limit"] - stats.get("bytes_in_use", 0)) // 4)
-    try:
-        import os
-
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        free = 8 * 2**30
-    return int(free // 4)
+        return int(max(0, stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
+    return _adapter.host_free_bytes()

@@ -204,7 +204,7 @@ class HessianOperator(HVPOperator):
         self._microbatch_size = None if microbatch_size is None else int(microbatch_size)
         self.seed = seed
         self.l2 = float(l2)
-        self.cache_budget = _cache_budget(cache, dev)
+        self._init_cache(_adapter.cache_budget(cache, lambda: _free_bytes(dev)))
         if hvp == "forward":
             self.hvp_method = "forward-over-reverse"
         elif hvp == "reverse" or self.cache_budget == 0:
@@ -212,10 +212,7 @@ class HessianOperator(HVPOperator):
         else:
             self.hvp_method = CACHED
         self.fallback_reason = None  # kept for compatibility: products no longer fall back between methods
-        self._cache: list = []        # per batch index: _Linearised, or None (past the budget)
-        self._cache_full = False      # the budget is spent: later batches are recomputed
         self._cache_complete = False  # every batch is cached: passes need not read the data
-        self._bypass_cache = False
         # A hook for data parallelism: sums a tensor over processes in place (None: one process).
         self._allreduce: Optional[Callable] = None
         self.comm = None
@@ -442,46 +439,23 @@ class HessianOperator(HVPOperator):
     def _batch_hvp_reverse(self, tangents: Dict[str, Any], inputs, targets):
         return _Linearised(self, inputs, targets, 0, measure=False).product(tangents)
 
-    def _linearised(self, index: int, inputs, targets, n_b: int):
-        """The cached gradient graph of batch ``index``, built now if the budget allows; None past it."""
-        if index < len(self._cache):
-            return self._cache[index]
-        if self._cache_full:
-            self._cache.append(None)
-            return None
-        entry = _Linearised(self, inputs, targets, n_b, measure=True)
-        if self.cache_bytes + entry.nbytes > self.cache_budget:
-            # Past the budget: this batch and the ones after it are recomputed per product.
-            self._cache_full = True
-            self._cache.append(None)
-            return entry
-        self._cache.append(entry)
-        return entry
+    def _entry_bytes(self, entry) -> int:
+        return entry.nbytes
 
     @property
     def host_threads(self):
         """torch's intra-op threads when the products run on the CPU (the solver leaves them those cores)."""
         return torch.get_num_threads() if self.torch_device.type == "cpu" else None
 
-    @property
-    def cache_batches(self) -> int:
-        return sum(1 for e in self._cache if e is not None)
-
-    @property
-    def cache_bytes(self) -> int:
-        return int(sum(e.nbytes for e in self._cache if e is not None))
-
     def release(self) -> None:
-        """Frees the cached gradient graphs (the solver calls it when a solve ends; the next product rebuilds them)."""
-        self._cache = []
-        self._cache_full = False
+        super().release()
         self._cache_complete = False
 
     def _batch_product(self, index: int, tangents, inputs, targets, n_b: int, method: str):
         if method == "forward-over-reverse":
             return self._batch_hvp_forward(tangents, inputs, targets)
         if method == CACHED and not self._bypass_cache:
-            entry = self._linearised(index, inputs, targets, n_b)
+            entry = self._cached(index, lambda: _Linearised(self, inputs, targets, n_b, measure=True))
             if entry is not None:
                 return entry.product(tangents)
         return self._batch_hvp_reverse(tangents, inputs, targets)
@@ -552,14 +526,6 @@ class HessianOperator(HVPOperator):
                 out = self._raw_hvp(v)
         self.n_hvps += 1
         return out
-
-    def _probe_hvp(self, v):
-        """The product again, recomputed from the model and the data (not through the cached graphs)."""
-        self._bypass_cache = True
-        try:
-            return self.hvp(v)
-        finally:
-            self._bypass_cache = False
 
     # -- per-batch quantities (gradient noise, curvature variance) ---------
     def batch_gradients(self) -> Iterator[Tuple[int, Any]]:
@@ -707,29 +673,10 @@ def _graph_bytes(roots, exclude) -> int:
     return int(sum(storages.values()))
 
 
-def _cache_budget(cache, device) -> int:
-    """Bytes of gradient graphs an operator may hold: ``cache`` as given, or a quarter of the free memory."""
-    if cache is None or cache is True:
-        return _default_cache_budget(device)
-    if cache is False:
-        return 0
-    if isinstance(cache, bool) or not isinstance(cache, numbers.Real) or not cache >= 0 or not math.isfinite(cache):
-        raise ValueError(f"cache must be True, False, None (a quarter of the free memory) or a budget in bytes >= 0, "
-                         f"got cache={cache!r}")
-    return int(cache)
-
-
-def _default_cache_budget(device) -> int:
+def _free_bytes(device) -> int:
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free // 4)
-    try:
-        import os
-
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it
-        free = 8 * 2**30
-    return int(free // 4)
+        return int(torch.cuda.mem_get_info(device)[0])
+    return _adapter.host_free_bytes()
 
 
 def _math_attention():
