@@ -9,11 +9,13 @@ model's trainable parameters, for :func:`pycurv.lanczos` and
     H = pycurv.torch.hessian(model, torch.nn.functional.cross_entropy, (x, y))
     lam1 = pycurv.sharpness(H, tol=1e-6, seed=0)
 
-Products are forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``
-through ``torch.func.functional_call``), falling back to reverse-over-reverse
-(double backward) where an operation has no forward-mode derivative. They run
-on the model's device, in the model's dtype unless ``dtype=`` says otherwise;
-only the float64 Lanczos vector crosses to the host.
+The loss is the training loss by default (normalisation layers on each
+batch's statistics, dropout off). Each batch's loss and gradient are built once
+per solve with their autograd graph, through ``torch.func.functional_call``,
+and every product is one backward pass through it (within a memory budget;
+``hvp="reverse"`` recomputes, ``hvp="forward"`` is forward-over-reverse).
+Products run on the model's device, in the model's dtype unless ``dtype=``
+says otherwise; only the float64 Lanczos vector crosses to the host.
 
 The model, its buffers and any optimizer passed are never modified: the
 products use a copy of the parameters and buffers taken when the operator is
