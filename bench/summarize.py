@@ -188,8 +188,8 @@ def gpu_lambda_table(benches):
     return "\n".join(out).rstrip()
 
 
-PEER_TOOLS = ("pycurv", "pyhessian", "eigenthings", "curvlinops", "scipy")
-PEER_LABELS = {"pycurv": "pycurv", "pyhessian": "PyHessian", "eigenthings": "hessian-eigenthings",
+PEER_TOOLS = ("pycurv", "pyhessian", "pyhessian-train", "eigenthings", "curvlinops", "scipy")
+PEER_LABELS = {"pycurv": "pycurv", "pyhessian": "PyHessian", "pyhessian-train": "PyHessian (train mode kept)", "eigenthings": "hessian-eigenthings",
                "curvlinops": "curvlinops + eigsh", "scipy": "scipy eigsh + double backward"}
 
 

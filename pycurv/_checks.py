@@ -58,6 +58,12 @@ def check_ncv(ncv, k: int, n: int) -> int:
     return ncv
 
 
+def check_criterion(criterion) -> str:
+    if criterion not in ("residual", "eigenvalue"):
+        raise ValueError(f"criterion must be 'residual' or 'eigenvalue', got criterion={criterion!r}")
+    return criterion
+
+
 def check_tol(tol) -> float:
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not (0.0 < float(tol) < 1.0):
         raise ValueError(f"tol must be a number with 0 < tol < 1, got tol={tol!r}")

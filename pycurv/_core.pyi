@@ -41,8 +41,8 @@ class LanczosState:
     def __init__(self, *, n_local: int, n_global: int, offset: int, k: int, ncv: int, which: int, tol: float,
                  max_matvecs: int, seed: int, start_given: bool, check_multiplicity: bool,
                  explicit_residuals: bool, want_vectors: bool, yield_reduce: bool,
-                 unit_roundoff: float) -> None:
-        """Options as pycurv.lanczos; which is 0 (LA), 1 (SA) or 2 (BE). Raises ValueError when inconsistent."""
+                 unit_roundoff: float, tol_on_eigenvalue: bool = False) -> None:
+        """Options as pycurv.lanczos (tol_on_eigenvalue: criterion="eigenvalue"); which is 0 (LA), 1 (SA) or 2 (BE). Raises ValueError when inconsistent."""
     def advance(self) -> Request:
         """Run until the next request (releases the GIL); returns a Request."""
     def start_vector(self) -> np.ndarray:
@@ -65,6 +65,8 @@ class LanczosState:
         """Residual norms of the wanted Ritz pairs (after DONE)."""
     def ritz_values(self) -> np.ndarray:
         """Every current Ritz value, locked and active (for gap estimates)."""
+    def ritz_residuals(self) -> np.ndarray:
+        """Their residual norms, in the same order."""
     def current_values(self) -> np.ndarray:
         """The wanted Ritz values now (progress, at STEP)."""
     def current_residuals(self) -> np.ndarray:

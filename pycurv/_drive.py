@@ -113,7 +113,8 @@ def nonfinite_error(y, count: int, comm=None) -> NonFiniteMatvecError:
 
 
 def collect(state, timing: dict, *, which: str, tol: float, ncv: int, seed: int, max_matvecs: int,
-            want_vectors: bool, as_array: Callable = np.asarray, exact: bool = False) -> LanczosResult:
+            want_vectors: bool, as_array: Callable = np.asarray, exact: bool = False,
+            criterion: str = "residual") -> LanczosResult:
     """Builds the result record from a finished state (``as_array`` reads its eigenvectors).
 
     ``exact``: the operator's products are exact float64 (an array), so a noise
@@ -126,9 +127,12 @@ def collect(state, timing: dict, *, which: str, tol: float, ncv: int, seed: int,
     vecs = None
     if want_vectors:
         vecs = as_array(state.eigenvectors()).T  # (n, k), column i <-> eigenvalue i
-    bounds = _error_bounds(values, res, np.asarray(state.ritz_values()))
+    bounds = _error_bounds(values, res, np.asarray(state.ritz_values()), np.asarray(state.ritz_residuals()))
     rel = _relative(res, values, anorm)
     message = _message(status, rel, tol, max_matvecs, float(state.noise_level), int(state.n_matvecs), exact=exact)
+    if criterion == "eigenvalue" and status in ("converged", "max_matvecs"):
+        message = _eigenvalue_message(status, _relative(bounds, values, anorm), tol, max_matvecs,
+                                      int(state.n_matvecs))
     h = state.history()
     return LanczosResult(
         eigenvalues=values,
@@ -141,6 +145,7 @@ def collect(state, timing: dict, *, which: str, tol: float, ncv: int, seed: int,
         message=message,
         which=which,
         tol=tol,
+        criterion=criterion,
         ncv=ncv,
         seed=seed,
         n_restarts=int(state.n_restarts),
@@ -165,15 +170,30 @@ def _relative(res: np.ndarray, values: np.ndarray, anorm: float) -> np.ndarray:
         return np.where(scale > 0, res / np.where(scale > 0, scale, 1.0), np.where(res > 0, np.inf, 0.0))
 
 
-def _error_bounds(values: np.ndarray, res: np.ndarray, ritz: np.ndarray) -> np.ndarray:
+def _error_bounds(values: np.ndarray, res: np.ndarray, ritz: np.ndarray, ritz_res: np.ndarray) -> np.ndarray:
+    """min(r, r**2 / gap) per wanted pair; gap: to every other Ritz value less its residual, the nearest
+    (the estimate ``criterion="eigenvalue"`` stops on; an unconverged neighbour leaves r)."""
     out = res.copy()
     for i, (v, r) in enumerate(zip(values, res)):
-        others = np.abs(ritz - v)
-        others = np.delete(others, int(np.argmin(others))) if others.size else others
+        dist = np.abs(ritz - v)
+        if dist.size == 0:
+            continue
+        mine = int(np.argmin(dist))
+        others = np.delete(dist - ritz_res, mine)
         gap = float(np.min(others)) if others.size else np.inf
-        if gap > 0 and r < gap:  # r * (r / gap): r * r alone overflows for r near 1e160
+        if np.isfinite(gap) and gap > 0 and r < gap:  # r * (r / gap): r * r alone overflows for r near 1e160
             out[i] = r * (r / gap)
     return out
+
+
+def _eigenvalue_message(status: str, rel: np.ndarray, tol: float, max_matvecs: int, n_mv: int) -> str:
+    worst = float(np.max(rel)) if rel.size else float("nan")
+    if status == "converged":
+        return (f"converged: largest relative eigenvalue error estimate {worst:.2g} <= tol={tol:g} "
+                f"(criterion='eigenvalue') after {n_mv} matvecs")
+    return (f"did not converge within max_matvecs={max_matvecs}: largest relative eigenvalue error estimate "
+            f"{worst:.2g} > tol={tol:g}; these are the best estimates (converged=False). Increase max_matvecs "
+            "or ncv, or loosen tol")
 
 
 def _message(status: str, rel: np.ndarray, tol: float, max_matvecs: int, noise: float, n_mv: int, *,

@@ -89,7 +89,7 @@ class Progress:
 
 
 def measure_top(op, *, tol=None, seed=0, v0=None, max_matvecs=None, progress=None, which: str = "LA",
-                label: str = "sharpness"):
+                label: str = "sharpness", criterion: str = "residual"):
     """One Lanczos solve for the top (``which="LA"``) or bottom eigenpair of an adapter operator.
 
     ``tol=None`` picks :func:`pycurv._adapter.default_tol` of the operator's dtype.
@@ -105,6 +105,6 @@ def measure_top(op, *, tol=None, seed=0, v0=None, max_matvecs=None, progress=Non
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             return lanczos(op, 1, which=which, tol=tol, seed=seed, v0=v0, max_matvecs=max_matvecs,
-                           callback=bar if bar.wanted else None)
+                           callback=bar if bar.wanted else None, criterion=criterion)
     finally:
         bar.close()

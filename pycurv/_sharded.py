@@ -27,7 +27,7 @@ __all__ = ["lanczos_sharded"]
 
 def lanczos_sharded(matvec: Callable, bounds, k: int = 1, *, which: str = "LA", tol: float = 1e-6, ncv=None,
                     max_matvecs=None, v0=None, seed=None, return_eigenvectors: bool = True, callback=None,
-                    check_multiplicity=None, exact: bool = False, dtype=None):
+                    check_multiplicity=None, exact: bool = False, dtype=None, criterion: str = "residual"):
     """Lanczos with the basis split into row shards held in one process (e.g. one per device).
 
     ``bounds`` lists the shards' row ranges ``[(0, n1), (n1, n2), ...]`` covering
@@ -45,6 +45,7 @@ def lanczos_sharded(matvec: Callable, bounds, k: int = 1, *, which: str = "LA", 
     k = _checks.check_k(k, n)
     which = _checks.check_which(which)
     tol = _checks.check_tol(tol)
+    criterion = _checks.check_criterion(criterion)
     ncv = _checks.check_ncv(ncv, k, n)
     max_matvecs = _checks.check_max_matvecs(max_matvecs, ncv, k)
     v0 = None if v0 is None else _checks.check_v0(v0, n)
@@ -56,7 +57,8 @@ def lanczos_sharded(matvec: Callable, bounds, k: int = 1, *, which: str = "LA", 
             n_local=hi - lo, n_global=n, offset=lo, k=k, ncv=ncv, which=WHICH_CODE[which], tol=tol,
             max_matvecs=max_matvecs, seed=seed, start_given=v0 is not None,
             check_multiplicity=bool(check_multiplicity), explicit_residuals=not exact,
-            want_vectors=bool(return_eigenvectors), yield_reduce=True, unit_roundoff=unit_roundoff(dtype))
+            want_vectors=bool(return_eigenvectors), yield_reduce=True, unit_roundoff=unit_roundoff(dtype),
+            tol_on_eigenvalue=criterion == "eigenvalue")
             for lo, hi in bounds]
     except MemoryError:
         raise basis_memory_error(n, ncv, k, bool(return_eigenvectors)) from None
@@ -108,7 +110,7 @@ def lanczos_sharded(matvec: Callable, bounds, k: int = 1, *, which: str = "LA", 
             break
     timing = {"matvec": t_mv, "core": t_core, "total": time.perf_counter() - t_start}
     res = collect(states[0], timing, which=which, tol=tol, ncv=ncv, seed=seed, max_matvecs=max_matvecs,
-                  want_vectors=False, exact=bool(exact))
+                  want_vectors=False, exact=bool(exact), criterion=criterion)
     if return_eigenvectors:
         vecs = np.concatenate([np.asarray(st.eigenvectors()).T for st in states], axis=0)
         res = dataclasses.replace(res, eigenvectors=vecs)

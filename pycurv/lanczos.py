@@ -43,6 +43,7 @@ def lanczos(
     n: Optional[int] = None,
     check_multiplicity: Optional[bool] = None,
     host_basis: bool = False,
+    criterion: str = "residual",
 ) -> LanczosResult:
     """Extreme eigenvalues of a symmetric operator from matrix-vector products.
 
@@ -73,6 +74,17 @@ def lanczos(
         certify it, so it is confirmed with ``A y`` computed (k more
         products); where float64 rounding keeps it out of reach the status is
         ``"noise_floor"``.
+    criterion : {"residual", "eigenvalue"}
+        What ``tol`` bounds. ``"residual"`` (default, as ARPACK): the relative
+        residual above. ``"eigenvalue"``: the estimated eigenvalue error
+        ``min(r, r**2 / gap) <= tol * max(|theta|, ||A||_est)`` (``error_bounds``
+        of the result), for an eigenvalue to ``tol`` relative accuracy: its
+        error falls as the square of the residual, so it stops many products
+        earlier. ``gap`` is the distance to the nearest other Ritz value, which
+        stands in for the distance to the rest of the spectrum: an eigenvalue
+        the Krylov space has not resolved yet and that lies closer can make the
+        estimate optimistic (the residual-based bound never is). The
+        eigenvectors are then accurate only to about ``sqrt(tol * gap)``.
     ncv : int, optional
         Basis vectors kept (memory: 8 * n * (ncv + 1) bytes). Default
         ``min(n, max(2k + 1, 32))``; must satisfy k + 2 <= ncv <= n (ncv = n
@@ -118,7 +130,7 @@ def lanczos(
     try:
         result = _solve(op, k, which=which, tol=tol, ncv=ncv, max_matvecs=max_matvecs, v0=v0, seed=seed,
                         return_eigenvectors=return_eigenvectors, callback=callback,
-                        check_multiplicity=check_multiplicity, host_basis=host_basis)
+                        check_multiplicity=check_multiplicity, host_basis=host_basis, criterion=criterion)
     finally:
         # Operators may hold per-solve state (a framework's cached linearisations): the solve is over.
         release = getattr(op, "release", None)
@@ -130,14 +142,16 @@ def lanczos(
 
 
 def _solve(op, k, *, which, tol, ncv, max_matvecs, v0, seed, return_eigenvectors, callback, check_multiplicity,
-           host_basis) -> LanczosResult:
+           host_basis, criterion="residual") -> LanczosResult:
+    criterion = _checks.check_criterion(criterion)
     if getattr(op, "shard_bounds", None) is not None:  # the basis split over devices in this process
         with warnings.catch_warnings():  # lanczos() warns once, below
             warnings.simplefilter("ignore", ConvergenceWarning)
             return lanczos_sharded(op.matvec_shards, op.shard_bounds, k, which=which, tol=tol, ncv=ncv,
                                    max_matvecs=max_matvecs, v0=v0, seed=seed,
                                    return_eigenvectors=return_eigenvectors, callback=callback,
-                                   check_multiplicity=check_multiplicity, exact=op.exact, dtype=op.dtype)
+                                   check_multiplicity=check_multiplicity, exact=op.exact, dtype=op.dtype,
+                                   criterion=criterion)
     N = op.shape[0]
     comm = getattr(op, "comm", None)
     n_local = int(getattr(op, "n_local", N))
@@ -179,6 +193,7 @@ def _solve(op, k, *, which, tol, ncv, max_matvecs, v0, seed, return_eigenvectors
         want_vectors=bool(return_eigenvectors),
         yield_reduce=sharded,
         unit_roundoff=op.unit_roundoff if op.dtype is not None else 2.0**-53,
+        tol_on_eigenvalue=criterion == "eigenvalue",
     )
     learn = op.dtype is None
     if on_gpu:
@@ -202,7 +217,7 @@ def _solve(op, k, *, which, tol, ncv, max_matvecs, v0, seed, return_eigenvectors
                            learn_dtype=learn, callback=callback, comm=comm)
         as_array = np.asarray
     return collect(state, timing, which=which, tol=tol, ncv=ncv, seed=seed, max_matvecs=max_matvecs,
-                   want_vectors=return_eigenvectors, as_array=as_array, exact=bool(op.exact))
+                   want_vectors=return_eigenvectors, as_array=as_array, exact=bool(op.exact), criterion=criterion)
 
 
 class _core_threads:

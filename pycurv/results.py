@@ -42,16 +42,21 @@ class LanczosResult:
         ``residuals_explicit`` is True, else the (rigorous) recurrence bound.
     error_bounds : (k,) float64
         Estimated eigenvalue error ``min(r, r**2 / gap)`` (``r`` is a rigorous
-        bound, the quadratic one uses the distance to the nearest other Ritz value).
+        bound; ``gap``, standing in for the distance to the rest of the
+        spectrum, is the distance to the nearest other Ritz value less that
+        value's residual, so an unconverged neighbour leaves ``r``).
     n_matvecs : int
         Products with A, including those of the final residual check.
     converged : bool
-        True only if every residual meets ``tol * max(|theta|, ||A||_est)``.
+        True only if every residual (every error bound with
+        ``criterion="eigenvalue"``) meets ``tol * max(|theta|, ||A||_est)``.
     status : str
         ``"converged"``, ``"max_matvecs"`` (budget spent), ``"noise_floor"``
         (the operator's own error is above ``tol``) or ``"stopped"`` (callback).
     message : str
         One sentence on the outcome and, if not converged, what to do.
+    criterion : str
+        What ``tol`` bounded: ``"residual"`` or ``"eigenvalue"`` (see :func:`pycurv.lanczos`).
     """
 
     eigenvalues: np.ndarray
@@ -66,6 +71,7 @@ class LanczosResult:
     tol: float
     ncv: int
     seed: int
+    criterion: str = "residual"
     n_restarts: int = 0
     n_breakdowns: int = 0
     n_verify_rounds: int = 0

@@ -73,6 +73,19 @@ def test_json_is_strict_and_complete(capsys, builtin_values):
     assert ns["max_lr"] < d["max_stable_lr"]["SGD, momentum 0.9"]  # noise only shrinks the stable range
 
 
+def test_criterion_eigenvalue_fewer_products_same_answer(capsys, builtin_values):
+    """--criterion eigenvalue: tol bounds λ1's estimated relative error; the JSON says which and the estimate."""
+    code, out, _ = _run(capsys, "--json", "--no-min", "--tol", "1e-8")
+    by_res = json.loads(out)["lambda_max"]
+    code2, out2, _ = _run(capsys, "--json", "--no-min", "--tol", "1e-8", "--criterion", "eigenvalue")
+    by_eig = json.loads(out2)["lambda_max"]
+    assert code == code2 == 0 and by_res["criterion"] == "residual" and by_eig["criterion"] == "eigenvalue"
+    lam1 = builtin_values[0]
+    assert by_eig["converged"] and by_eig["error_estimate"] <= 1e-8 * abs(by_eig["value"])
+    assert by_eig["value"] == pytest.approx(lam1, rel=1e-8) and by_res["value"] == pytest.approx(lam1, rel=1e-8)
+    assert by_eig["matvecs"] < by_res["matvecs"]
+
+
 def test_batch_size_output(capsys):
     code, out, _ = _run(capsys, "--batch-size", "32", "--no-min")
     assert code == 0

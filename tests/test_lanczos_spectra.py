@@ -246,3 +246,57 @@ def test_result_is_frozen_and_reports_time():
     assert res.time_total >= res.time_matvec + res.time_core - 1e-9
     assert res.history.n_matvecs[-1] <= res.n_matvecs
     assert "LanczosResult" in repr(res)
+
+
+# Every spectrum, end, k and tol but one: lambda_2 = 1 - 1e-6, far above tol=1e-10 from the top and not yet
+# seen by the Krylov space when lambda_1's estimate passes (test_eigenvalue_criterion_unseen_neighbour).
+_EIG_CASES = [(name, which, k, tol) for name in SPECTRA for which in ("LA", "SA", "BE") for k in (1, 4)
+              for tol in (1e-4, 1e-10)
+              if not (name == "near_degenerate_1e-6" and tol == 1e-10 and k == 1 and which != "SA")]
+
+
+@pytest.mark.parametrize("name,which,k,tol", _EIG_CASES)
+def test_eigenvalue_criterion_meets_tol_on_the_eigenvalues(name, which, k, tol):
+    """criterion="eigenvalue": every eigenvalue within tol * scale of eigh's, on the spectra that break tools."""
+    n = 120
+    a = dense(SPECTRA[name](n), seed=1)
+    res = pycurv.lanczos(a, k, which=which, tol=tol, seed=7, max_matvecs=20000, criterion="eigenvalue")
+    assert res.converged and res.criterion == "eigenvalue", res.message
+    norm = max(float(np.max(np.abs(np.linalg.eigvalsh(a)))), np.finfo(float).tiny)
+    err = np.abs(res.eigenvalues - reference(a, k, which))
+    scale = np.maximum(np.abs(res.eigenvalues), norm)
+    assert np.all(err <= tol * scale + 2000 * EPS * norm), (err / scale, tol)
+    assert np.all(res.error_bounds <= tol * scale * (1 + 1e-12)), (res.error_bounds / scale, tol)
+    assert np.all(err <= res.residual_norms + 100 * EPS * norm * np.sqrt(n))  # the rigorous bound holds
+    y = res.eigenvectors
+    assert np.max(np.abs(y.T @ y - np.eye(k))) <= 1e-12
+
+
+def test_eigenvalue_criterion_stops_earlier_at_the_same_accuracy():
+    """A gapped top: an eigenvalue to 1e-6 relative needs a residual of only about sqrt(1e-6 * gap)."""
+    n = 400
+    a = dense(np.r_[10.0, 9.0, _linspace(-3.0, 3.0, n - 2)], seed=5)
+    by_res = pycurv.lanczos(a, 1, tol=1e-6, seed=3)
+    by_eig = pycurv.lanczos(a, 1, tol=1e-6, seed=3, criterion="eigenvalue")
+    assert by_eig.converged and "eigenvalue error estimate" in by_eig.message
+    assert by_eig.n_matvecs < by_res.n_matvecs
+    assert abs(by_eig.eigenvalues[0] - 10.0) <= 1e-6 * 10.0
+    assert abs(by_res.eigenvalues[0] - 10.0) <= 1e-6 * 10.0
+
+
+def test_criterion_is_checked():
+    with pytest.raises(ValueError, match="criterion must be 'residual' or 'eigenvalue', got criterion='ritz'"):
+        pycurv.lanczos(np.eye(3), 1, criterion="ritz")
+
+
+def test_eigenvalue_criterion_unseen_neighbour():
+    """lambda_2 = 1 - 1e-6 not yet resolved when lambda_1's estimate passes tol=1e-10: the estimate is
+    optimistic there (as the docstring says), and the rigorous residual bound still holds."""
+    a = dense(SPECTRA["near_degenerate_1e-6"](120), seed=1)
+    res = pycurv.lanczos(a, 1, tol=1e-10, seed=7, criterion="eigenvalue")
+    err = abs(res.eigenvalues[0] - 1.0)
+    assert res.error_bounds[0] <= 1e-10 < err  # what the docstring warns about
+    assert err <= res.residual_norms[0]  # never beyond the rigorous bound
+    assert err < 1e-6  # still closer to lambda_1 than lambda_2 is
+    exact = pycurv.lanczos(a, 1, tol=1e-10, seed=7)  # the residual criterion resolves it
+    assert abs(exact.eigenvalues[0] - 1.0) <= 1e-13

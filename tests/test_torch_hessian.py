@@ -145,6 +145,21 @@ def test_pycurv_torch_sharpness_and_default_tolerance():
     assert abs(lam - np.linalg.eigvalsh(D)[-1]) <= 1e-10 * abs(lam)
 
 
+@pytest.mark.parametrize("case", ["convnet-xent-3-batches", "layernorm-xent"])
+def test_sharpness_to_a_relative_accuracy(case):
+    """criterion="eigenvalue": λ1 to tol relative accuracy against the dense Hessian, in fewer products."""
+    build, loss_fn, make = CASES[case]
+    model, batches = build(), make()
+    lam = np.linalg.eigvalsh(tm.dense_hessian(model, loss_fn, batches))[-1]
+    H = pt.hessian(model, loss_fn, _data(batches), check_determinism=False)
+    for tol in (1e-4, 1e-8):
+        by_eig = pycurv.lanczos(H, 1, tol=tol, seed=0, criterion="eigenvalue")
+        by_res = pycurv.lanczos(H, 1, tol=tol, seed=0)
+        assert by_eig.converged and abs(by_eig.eigenvalues[0] - lam) <= tol * abs(lam)
+        assert by_eig.n_matvecs < by_res.n_matvecs
+    assert pt.sharpness(model, loss_fn, _data(batches), tol=1e-6, criterion="eigenvalue") == pytest.approx(lam, rel=1e-6)
+
+
 def test_layout_round_trip_and_parameter_subset():
     model = tm.lnblock()
     x, y = tm.classification_batches([8], d=6)[0]

@@ -529,10 +529,10 @@ PYBIND11_MODULE(_cuda, m) {
       .def(py::init([](int64_t n_local, int64_t n_global, int64_t offset, int k, int ncv, int which, double tol,
                        int64_t max_matvecs, uint64_t seed, bool start_given, bool check_multiplicity,
                        bool explicit_residuals, bool want_vectors, bool yield_reduce, double unit_roundoff,
-                       int device, uintptr_t stream, bool host_basis) {
+                       int device, uintptr_t stream, bool host_basis, bool tol_on_eigenvalue) {
              const Options o = pycurv_binding::make_options(
                  n_local, n_global, offset, k, ncv, which, tol, max_matvecs, seed, start_given, check_multiplicity,
-                 explicit_residuals, want_vectors, yield_reduce, unit_roundoff);
+                 explicit_residuals, want_vectors, yield_reduce, unit_roundoff, tol_on_eigenvalue);
              if (n_local < 1) throw std::invalid_argument("n_local must be >= 1 on a GPU");
              if (device < 0) throw std::invalid_argument("device must be a CUDA device index >= 0");
              py::gil_scoped_release release;
@@ -542,7 +542,7 @@ PYBIND11_MODULE(_cuda, m) {
            py::arg("which"), py::arg("tol"), py::arg("max_matvecs"), py::arg("seed"), py::arg("start_given"),
            py::arg("check_multiplicity"), py::arg("explicit_residuals"), py::arg("want_vectors"),
            py::arg("yield_reduce"), py::arg("unit_roundoff"), py::arg("device"), py::arg("stream") = 0,
-           py::arg("host_basis") = false)
+           py::arg("host_basis") = false, py::arg("tol_on_eigenvalue") = false)
       .def(
           "advance",
           [](CudaState& s) {

@@ -26,7 +26,7 @@ inline py::array_t<double> to_array(const std::vector<double>& v) {
 inline pycurv::Options make_options(int64_t n_local, int64_t n_global, int64_t offset, int k, int ncv, int which,
                                     double tol, int64_t max_matvecs, uint64_t seed, bool start_given,
                                     bool check_multiplicity, bool explicit_residuals, bool want_vectors,
-                                    bool yield_reduce, double unit_roundoff) {
+                                    bool yield_reduce, double unit_roundoff, bool tol_on_eigenvalue = false) {
   if (n_local < 0 || n_global < 1 || offset < 0 || offset + n_local > n_global)
     throw std::invalid_argument("inconsistent n_local, n_global, offset");
   if (which < 0 || which > 2) throw std::invalid_argument("which must be 0 (LA), 1 (SA) or 2 (BE)");
@@ -38,6 +38,7 @@ inline pycurv::Options make_options(int64_t n_local, int64_t n_global, int64_t o
   o.ncv = ncv;
   o.which = static_cast<pycurv::Which>(which);
   o.tol = tol;
+  o.tol_on_eigenvalue = tol_on_eigenvalue;
   o.max_matvecs = max_matvecs;
   o.seed = seed;
   o.start_given = start_given;
@@ -74,6 +75,7 @@ void def_results(py::class_<State>& c) {
       .def("values", [](State& s) { return to_array(s.lz_.values()); })
       .def("residuals", [](State& s) { return to_array(s.lz_.residuals()); })
       .def("ritz_values", [](State& s) { return to_array(s.lz_.ritz_values()); })
+      .def("ritz_residuals", [](State& s) { return to_array(s.lz_.ritz_residuals()); })
       .def("set_unit_roundoff", [](State& s, double u) { s.lz_.set_unit_roundoff(u); }, py::arg("u"))
       .def("current_values", [](State& s) { return to_array(s.lz_.current_values()); })
       .def("current_residuals", [](State& s) { return to_array(s.lz_.current_residuals()); })

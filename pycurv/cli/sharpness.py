@@ -64,6 +64,9 @@ def register(sub):
                    help="where the products run (default: the model's device)")
     p.add_argument("--tol", type=positive_float, default=None,
                    help="relative residual tolerance (default: 1e-6 in float64, 2.4e-4 in float32)")
+    p.add_argument("--criterion", choices=("residual", "eigenvalue"), default="residual",
+                   help="what --tol bounds: the relative residual (default) or the eigenvalue's estimated relative "
+                        "error, which needs fewer products")
     p.add_argument("--seed", type=int, default=0, help="seed of the Lanczos start vector (default 0)")
     p.add_argument("--max-matvecs", type=positive_int, dest="max_matvecs", default=None,
                    help="most Hessian-vector products per eigenvalue (default: the solver's budget)")
@@ -241,7 +244,7 @@ def _solve(op, which: str, args):
     from .._progress import measure_top
 
     res = measure_top(op, tol=args.tol, seed=args.seed, which=which, max_matvecs=args.max_matvecs,
-                      label="λ1" if which == "LA" else "λmin")
+                      label="λ1" if which == "LA" else "λmin", criterion=args.criterion)
     return res
 
 
@@ -409,4 +412,5 @@ def _flag(res) -> str:
 def _solve_record(res) -> dict:
     return {"value": float(res.eigenvalues[0]), "converged": bool(res.converged), "status": res.status,
             "matvecs": int(res.n_matvecs), "residual": float(res.residual_norms[0]),
+            "error_estimate": float(res.error_bounds[0]), "criterion": res.criterion, "tol": float(res.tol),
             "seconds": float(res.time_total)}

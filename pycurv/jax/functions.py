@@ -88,10 +88,16 @@ def hessian(
 
 
 def sharpness(loss_fn: Callable, params, data, *, tol: Optional[float] = None, seed: int = 0, v0=None,
-              max_matvecs: Optional[int] = None, progress: Optional[bool] = None, **hessian_kwargs) -> float:
-    """The largest algebraic eigenvalue of :func:`hessian` (``tol`` defaults to what its dtype can reach)."""
+              max_matvecs: Optional[int] = None, progress: Optional[bool] = None, criterion: str = "residual",
+              **hessian_kwargs) -> float:
+    """The largest algebraic eigenvalue of :func:`hessian` (``tol`` defaults to what its dtype can reach).
+
+    ``criterion="eigenvalue"`` makes ``tol`` bound λ1's estimated relative error
+    instead of the residual (fewer products; see :func:`pycurv.lanczos`).
+    """
     op = hessian(loss_fn, params, data, **hessian_kwargs)
-    res = measure_top(op, tol=tol, seed=seed, v0=v0, max_matvecs=max_matvecs, progress=progress)
+    res = measure_top(op, tol=tol, seed=seed, v0=v0, max_matvecs=max_matvecs, progress=progress,
+                      criterion=criterion)
     if not res.converged:
         raise NoConvergence(res.message, result=res)
     return float(res.eigenvalues[0])

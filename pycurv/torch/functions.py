@@ -150,15 +150,19 @@ def hessian(
 
 
 def sharpness(model, loss_fn: Callable, data, *, tol: Optional[float] = None, seed: int = 0, v0=None,
-              max_matvecs: Optional[int] = None, progress: Optional[bool] = None, **hessian_kwargs) -> float:
+              max_matvecs: Optional[int] = None, progress: Optional[bool] = None, criterion: str = "residual",
+              **hessian_kwargs) -> float:
     """The largest algebraic eigenvalue of :func:`hessian` (``preconditioner=`` for Adam's).
 
     ``tol`` defaults to what the products' dtype can reach (1e-6 in float64,
     2.4e-4 in float32). Raises :class:`pycurv.NoConvergence` if it is not met.
     ``progress`` shows a progress line on stderr (default: when stderr is a terminal).
+    ``criterion="eigenvalue"`` makes ``tol`` bound λ1's estimated relative error
+    instead of the residual (fewer products; see :func:`pycurv.lanczos`).
     """
     op = hessian(model, loss_fn, data, **hessian_kwargs)
-    res = measure_top(op, tol=tol, seed=seed, v0=v0, max_matvecs=max_matvecs, progress=progress)
+    res = measure_top(op, tol=tol, seed=seed, v0=v0, max_matvecs=max_matvecs, progress=progress,
+                      criterion=criterion)
     if not res.converged:
         raise NoConvergence(res.message, result=res)
     return float(res.eigenvalues[0])

@@ -63,7 +63,8 @@ struct Options {
   int k = 1;              // wanted eigenvalues
   int ncv = 0;            // basis vectors kept (memory: ncv + 1 vectors)
   Which which = Which::LA;
-  double tol = 1e-6;      // relative residual tolerance
+  double tol = 1e-6;      // relative tolerance on the residual, or on the eigenvalue error estimate
+  bool tol_on_eigenvalue = false;  // tol bounds min(r, r^2/gap) (the estimated eigenvalue error), not r
   int64_t max_matvecs = 0;
   uint64_t seed = 0;
   bool start_given = false;        // slot 0 holds the caller's start vector
@@ -291,6 +292,12 @@ class Lanczos {
     v.insert(v.end(), theta_.begin(), theta_.begin() + a_);
     return unscaled(v);
   }
+  // Their residual norms, in the same order.
+  std::vector<double> ritz_residuals() const {
+    std::vector<double> v(lock_rho_.begin(), lock_rho_.end());
+    v.insert(v.end(), rho_.begin(), rho_.begin() + a_);
+    return unscaled(v);
+  }
   // log2 of the factor s the products are multiplied by (0 until a product is nonzero).
   int scale_exponent() const { return scale_exp_; }
   // The matvec's arithmetic can be learned from its first output.
@@ -473,8 +480,23 @@ class Lanczos {
   double cand_value(int c) const { return c < L_ ? lock_theta_[c] : theta_[c - L_]; }
   double cand_rho(int c) const { return c < L_ ? lock_rho_[c] : rho_[c - L_]; }
   double scale_of(double v) const { return std::max(std::fabs(v), anorm_); }
+  // What tol bounds for candidate c with residual norm r: r itself, or with
+  // tol_on_eigenvalue the estimated eigenvalue error min(r, r^2/gap). gap
+  // stands in for the distance to the rest of the spectrum (Kato-Temple): the
+  // distance to each other Ritz value less that value's own residual, the
+  // nearest. An unconverged neighbour (a continuum edge, a cluster still being
+  // resolved) shrinks it to nothing and r stands; an eigenvalue the Krylov
+  // space has not seen at all can still make it optimistic.
+  double tested_error(int c, double r) const {
+    if (!o_.tol_on_eigenvalue) return r;
+    const double v = cand_value(c);
+    double gap = INFINITY;
+    for (int d = 0; d < L_ + a_; ++d)
+      if (d != c) gap = std::min(gap, std::fabs(cand_value(d) - v) - cand_rho(d));
+    return std::isfinite(gap) && gap > 0 && r < gap ? r * (r / gap) : r;
+  }
   bool cand_converged(int c) const {
-    return cand_rho(c) <= est_safety_ * tol_est_ * scale_of(cand_value(c));
+    return tested_error(c, cand_rho(c)) <= est_safety_ * tol_est_ * scale_of(cand_value(c));
   }
 
   // Orders candidates best first for `which` (for BE: alternately from the top
@@ -792,7 +814,7 @@ class Lanczos {
     for (size_t i = 0; i < wanted_.size(); ++i) {
       const int w = wanted_[i];
       const double thr = o_.tol * scale_of(cand_value(w));
-      if (xres_[i] > thr) ok = false;
+      if (tested_error(w, xres_[i]) > thr) ok = false;
       ratio = std::max(ratio, xres_[i] / std::max(cand_rho(w), std::numeric_limits<double>::min()));
       worst = std::max(worst, xres_[i] / std::max(scale_of(cand_value(w)), std::numeric_limits<double>::min()));
     }
