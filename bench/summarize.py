@@ -262,10 +262,13 @@ def products_table(benches):
                        f"**{e['ratio_to_cached']:.2f}** | {e['cache_mib']:.0f} |")
     if solves:
         out += ["", "Whole solves from scratch (medians, s):", "",
-                "| model | pycurv (build + lanczos) | cached loop, same products | ratio | pycurv: build | core | "
-                "Lanczos products | HVPs incl. probe |", "|---|---|---|---|---|---|---|---|"]
+                "| model | pycurv (build + lanczos) | cached loop, same products | ratio | per product | "
+                "per product, no probe | pycurv: build | core | Lanczos products | HVPs incl. probe |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         for e in solves:
-            out.append(f"| {e['model']} | {e['pycurv_s']:.3f} | {e['cached_loop_s']:.3f} | **{e['ratio']:.2f}** | "
+            out.append(f"| {e['model']} | {e['pycurv_s']:.3f} | {e['cached_loop_s']:.3f} | {e['ratio']:.2f} | "
+                       f"**{e.get('per_product_ratio', float('nan')):.2f}** | "
+                       f"{e.get('per_product_ratio_no_probe', float('nan')):.2f} | "
                        f"{e['build_s']:.3f} | {e['time_core_s']:.3f} | {e['lanczos_matvecs']:.0f} | "
                        f"{e['pycurv_products']:.0f} |")
     if jx:

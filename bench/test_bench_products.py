@@ -214,32 +214,44 @@ def test_whole_solves(benchmark, name):
     pycurv: building the operator (a copy of the parameters and of the module
     structure), the first product (which builds each batch's graph), the
     determinism probe (one product recomputed from scratch), the Lanczos core,
-    up to SOLVE_PRODUCTS products. The loop: building the graph, then the same
-    number of backward passes. Same process, one torch thread.
+    up to SOLVE_PRODUCTS products; and the same solve with
+    ``check_determinism=False``. The loop: building the graph, then the same
+    number of backward passes. The three interleaved, same process, one torch
+    thread. Per product: pycurv's time outside the Lanczos core (the products,
+    the graph building, the probe, the boundary) over its Lanczos products,
+    against the loop's time over the same number.
     """
     model, loss_fn, data = PROBLEMS[name]()
     training_loss_mode(model)
     n = sum(p.numel() for p in model.parameters())
     v = np.random.default_rng(1).standard_normal(n)
     rows = []
-    for _ in range(max(3, ROUNDS // 5)):
+
+    def pycurv_solve(check):
         t0 = time.perf_counter()
-        H = pt.hessian(model, loss_fn, data)
+        H = pt.hessian(model, loss_fn, data, check_determinism=check)
         t_build = time.perf_counter() - t0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", pycurv.ConvergenceWarning)
             res = pycurv.lanczos(H, 1, tol=1e-12, max_matvecs=SOLVE_PRODUCTS, seed=0)
-        t_pc = time.perf_counter() - t0
+        return time.perf_counter() - t0, t_build, res, H.n_hvps
+
+    for _ in range(max(3, ROUNDS // 5)):
+        t_pc, t_build, res, hvps = pycurv_solve(True)
+        t_np, _, res_np, _ = pycurv_solve(False)
         t0 = time.perf_counter()
         hw = _HandWritten(model, loss_fn, data)
         hw.build()
         for _ in range(res.n_matvecs):
             hw.cached(v)
-        rows.append((t_pc, time.perf_counter() - t0, t_build, float(res.time_core), int(res.n_matvecs), H.n_hvps))
-    t_pc, t_hw, t_build, t_core, matvecs, hvps = (statistics.median(c) for c in zip(*rows))
+        t_hw = time.perf_counter() - t0
+        rows.append((t_pc, t_hw, t_build, float(res.time_core), int(res.n_matvecs), hvps,
+                     t_pc - float(res.time_core), t_np - float(res_np.time_core)))
+    t_pc, t_hw, t_build, t_core, matvecs, hvps, t_prod, t_prod_np = (statistics.median(c) for c in zip(*rows))
     benchmark.extra_info.update({"model": name, "pycurv_s": t_pc, "cached_loop_s": t_hw, "ratio": t_pc / t_hw,
                                  "build_s": t_build, "time_core_s": t_core, "lanczos_matvecs": matvecs,
-                                 "pycurv_products": hvps})
+                                 "pycurv_products": hvps, "per_product_ratio": t_prod / t_hw,
+                                 "per_product_ratio_no_probe": t_prod_np / t_hw})
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
 
 

@@ -120,7 +120,7 @@ class HVPOperator(Operator):
     ----------
     n_hvps : int
         Hessian-vector products computed so far (each is one pass over the data),
-        including the determinism probe's.
+        including the determinism probe's where it recomputes a product.
     n_samples : int or None
         Samples in the data set (known after the first pass).
     """
@@ -134,6 +134,7 @@ class HVPOperator(Operator):
         self.n_hvps = 0
         self.n_samples = None
         self._probe_pending = bool(check_determinism)
+        self._probed_pass = False
         self.probe_rtol = default_probe_rtol(self.dtype) if probe_rtol is None else float(probe_rtol)
         self.last_probe = None
 
@@ -164,11 +165,20 @@ class HVPOperator(Operator):
 
     def _product(self, v):
         """``hvp(v)``, computed twice on the first call when the determinism probe is pending."""
-        y = self.hvp(v)
-        if self._probe_pending:
-            self._probe_pending = False
-            self._compare(y, self._probe_hvp(v))
+        if not self._probe_pending:
+            return self.hvp(v)
+        self._probed_pass = True  # an adapter may record what its probe needs during this pass
+        try:
+            y = self.hvp(v)
+        finally:
+            self._probed_pass = False
+        self._probe_pending = False
+        self._probe(v, y)
         return y
+
+    def _probe(self, v, y) -> None:
+        """The automatic determinism probe after the first product ``y = hvp(v)``: the product recomputed."""
+        self._compare(y, self._probe_hvp(v))
 
     def check_determinism(self, v=None, *, rtol: Optional[float] = None, seed: int = 0) -> float:
         """Applies the operator twice to one vector; raises if the two products differ.
@@ -245,15 +255,7 @@ class HVPOperator(Operator):
 
     def _compare(self, y1, y2, rtol: Optional[float] = None) -> float:
         rtol = self.probe_rtol if rtol is None else float(rtol)
-        bad = self._count_nonfinite(y1)
-        if bad:
-            # NaN differs from itself: without this the probe would blame randomness for it.
-            raise NonFiniteMatvecError(
-                f"the Hessian-vector product has {bad} non-finite values (NaN or Inf) out of {self.shape[0]} "
-                f"({self._loss_text()}); the loss or its derivatives are not finite at these parameters: look "
-                "for NaN or Inf parameters, inputs or targets, or a loss that overflows (e.g. log of 0)",
-                matvec=self.n_hvps,
-            )
+        self._check_finite(y1)
         diff = float(self._rel_diff(y1, y2))
         self.last_probe = diff
         if not diff <= rtol:  # also catches NaN
@@ -263,6 +265,17 @@ class HVPOperator(Operator):
                 f"function of the parameters. {self._nondeterminism_advice()}"
             )
         return diff
+
+    def _check_finite(self, y1) -> None:
+        bad = self._count_nonfinite(y1)
+        if bad:
+            # NaN differs from itself: without this the probe would blame randomness for it.
+            raise NonFiniteMatvecError(
+                f"the Hessian-vector product has {bad} non-finite values (NaN or Inf) out of {self.shape[0]} "
+                f"({self._loss_text()}); the loss or its derivatives are not finite at these parameters: look "
+                "for NaN or Inf parameters, inputs or targets, or a loss that overflows (e.g. log of 0)",
+                matvec=self.n_hvps,
+            )
 
     def _loss_text(self) -> str:
         try:

@@ -37,7 +37,7 @@ def model():
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
 
 
-SCENARIOS = ("replicated", "ddp", "sharded", "raise", "nan", "settle")
+SCENARIOS = ("replicated", "ddp", "sharded", "raise", "nan", "settle", "random")
 
 
 def run(rank, size, port, outdir):
@@ -117,6 +117,17 @@ def scenario_run(rank, size, scenario):
                 held.append(max(x._use_count() for x in [t, mine, *parts]))
             out.update(max_use_count=max(held), total=float(t[0]))
             out.update(messages=comm.gather_messages("" if rank else "ünïcode ✓ message"))
+        elif scenario == "random":
+            def noisy_loss(outputs, targets):  # the last rank's loss draws random numbers
+                noise = 1e-3 * torch.rand(()) if rank == size - 1 else 0.0
+                return F.cross_entropy(outputs, targets) + noise
+
+            H = pt.hessian(model(), noisy_loss, shard, distributed=True)
+            try:
+                pycurv.lanczos(H, 1, tol=1e-12, seed=3)
+                out["error"] = None
+            except BaseException as exc:  # noqa: BLE001
+                out["error"] = f"{type(exc).__name__}: {exc}"
         elif scenario == "nan":
             xs = shard[0].clone()
             if rank == 1:

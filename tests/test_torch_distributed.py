@@ -120,3 +120,11 @@ def test_launcher_example_matches_one_process(tmp_path):
     x, y = synthetic_classification(n=400)
     single = pycurv.sharpness(pt.hessian(mlp(), F.mse_loss, (x, y)), tol=1e-8, seed=0)
     assert values[0] == pytest.approx(single, rel=1e-9)
+
+
+def test_a_random_loss_on_one_rank_stops_every_rank_alike(world):
+    """The determinism probe's verdict is agreed over the ranks: every rank raises the same error."""
+    size, results = world
+    for o in results("random"):
+        assert o["error"] is not None and o["error"].startswith("NonDeterministicOperatorError: two evaluations "
+                                                                "of the loss at the same parameters differ by"), o

@@ -206,12 +206,16 @@ def test_counts_products_and_runs_the_probe_once():
     H = pt.hessian(model, F.cross_entropy, (x, y))
     v = np.ones(H.shape[0])
     H.matvec(v)
-    assert H.n_hvps == 2 and H.last_probe == 0.0  # the first product is computed twice
+    assert H.n_hvps == 1 and H.last_probe == 0.0  # the probe evaluated the loss again, bit for bit
     H.matvec(v)
-    assert H.n_hvps == 3
+    assert H.n_hvps == 2 and H.last_probe == 0.0  # once
+    fwd = pt.hessian(model, F.cross_entropy, (x, y), hvp="forward")  # no graph kept: the product recomputed
+    fwd.matvec(v)
+    assert fwd.n_hvps == 2 and fwd.last_probe == 0.0
     quiet = pt.hessian(model, F.cross_entropy, (x, y), check_determinism=False)
     quiet.matvec(v)
     assert quiet.n_hvps == 1 and quiet.last_probe is None
+    assert H.check_determinism() == 0.0 and H.n_hvps == 4  # on demand: two whole products
 
 
 def test_hvp_on_tensors_stays_in_torch():

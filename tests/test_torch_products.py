@@ -42,11 +42,11 @@ def test_cached_products_match_the_dense_hessian(make, loss_fn, kind):
     H = pt.hessian(model, loss_fn, batches)
     assert H.hvp_method == "cached reverse-over-reverse"
     rng = np.random.default_rng(0)
-    for _ in range(3):  # the first builds the graphs (and is probed against a recomputation), the rest reuse them
+    for _ in range(3):  # the first builds the graphs (and the probe evaluates the losses again), the rest reuse them
         v = rng.standard_normal(H.shape[0])
         assert _rel(H.matvec(v), D @ v) <= 1e-10
     assert H.cache_batches == 2 and H.cache_bytes > 0
-    assert H.n_hvps == 4  # three products and the probe's recomputation
+    assert H.n_hvps == 3 and H.last_probe == 0.0  # three products; the probe recomputed only the losses
     assert "cache=2 batches" in repr(H)
 
 
@@ -63,7 +63,7 @@ def test_cached_products_with_microbatches_preconditioner_params_l2_and_seeded_d
     v = np.random.default_rng(1).standard_normal(H.shape[0])
     assert _rel(H.matvec(v), ref @ v) <= 1e-10 and _rel(H.matvec(v), ref @ v) <= 1e-10
     assert H.cache_batches == 5  # 10 -> 4, 4, 2; 6 -> 4, 2
-    # train mode with seeded masks: a fixed operator; the probe's recomputation agrees with the cache
+    # train mode with seeded masks: a fixed operator; the losses evaluated again agree with the cached ones
     Ht = pt.hessian(model, F.cross_entropy, batches, mode="train", seed=3)
     w = np.random.default_rng(2).standard_normal(Ht.shape[0])
     a = Ht.matvec(w)
@@ -75,8 +75,16 @@ def test_the_probe_compares_the_cache_with_a_recomputation():
     model = tm.dropout_mlp()
     batch = tm.classification_batches([32])[0]
     H = pt.hessian(model, F.cross_entropy, batch, mode="train")
-    with pytest.raises(pycurv.NonDeterministicOperatorError, match="dropout is on"):
+    with pytest.raises(pycurv.NonDeterministicOperatorError,
+                       match="two evaluations of the loss at the same parameters differ by .* dropout is on"):
         H.matvec(np.ones(H.shape[0]))
+    for cache in (False, None):  # recomputed graphs (and a budget of none) are probed the same way
+        Hc = pt.hessian(model, F.cross_entropy, batch, mode="train", cache=cache)
+        with pytest.raises(pycurv.NonDeterministicOperatorError, match="dropout is on"):
+            Hc.matvec(np.ones(Hc.shape[0]))
+    Hf = pt.hessian(model, F.cross_entropy, batch, mode="train", hvp="forward")  # no graph: products compared
+    with pytest.raises(pycurv.NonDeterministicOperatorError, match="two Hessian-vector products .* dropout is on"):
+        Hf.matvec(np.ones(Hf.shape[0]))
 
 
 def test_cache_budget_bounds_what_is_held():

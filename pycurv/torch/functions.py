@@ -106,10 +106,13 @@ def hessian(
         say what is held; the solver releases it when a solve ends
         (:meth:`HessianOperator.release`), and the next product rebuilds it.
     check_determinism : bool
-        Computes the first product twice and raises
-        :class:`pycurv.NonDeterministicOperatorError` if the two differ by more
-        than ``probe_rtol`` (default 1000 unit roundoffs of ``dtype``). Costs
-        one extra product. :meth:`HessianOperator.check_determinism` runs it on demand.
+        After the first product, evaluates each batch's loss again and raises
+        :class:`pycurv.NonDeterministicOperatorError` if it differs from the loss
+        the product was taken of by more than ``probe_rtol`` (default 1000 unit
+        roundoffs of ``dtype``): one forward pass per batch (with
+        ``hvp="forward"``, which keeps no graph, the first product is computed
+        twice instead). :meth:`HessianOperator.check_determinism` compares two
+        whole products on demand.
     l2 : float
         Adds ``l2 * v`` (the Hessian of ``l2/2 * ||theta||^2``; torch's coupled
         ``weight_decay``).

@@ -18,6 +18,7 @@ import torch
 
 from .. import _adapter
 from .._adapter import HVPOperator
+from ..errors import NonDeterministicOperatorError
 from ..distributed import TorchCommunicator, guard, shard_bounds
 from ._data import FrozenLoader, _call_args, _is_pair, _leading, _map, _split, fixed_batches
 from .preconditioners import _preconditioner_diagonal
@@ -228,6 +229,7 @@ class HessianOperator(HVPOperator):
             P = _preconditioner_diagonal(preconditioner, chosen, self.layout, dev)
             self.preconditioner_diagonal = P  # float64, on the device
             self._scale = torch.rsqrt(P).to(self.torch_dtype)
+        self._first_losses: dict = {}  # batch index -> its loss in the first product, for the determinism probe
         super().__init__(check_determinism=check_determinism, probe_rtol=probe_rtol)
 
     @property
@@ -436,8 +438,6 @@ class HessianOperator(HVPOperator):
         _, hv = torch.func.jvp(g, (self._params,), (tangents,))
         return [hv[k] for k in self.layout.names]
 
-    def _batch_hvp_reverse(self, tangents: Dict[str, Any], inputs, targets):
-        return _Linearised(self, inputs, targets, 0, measure=False).product(tangents)
 
     def _entry_bytes(self, entry) -> int:
         return entry.nbytes
@@ -454,11 +454,53 @@ class HessianOperator(HVPOperator):
     def _batch_product(self, index: int, tangents, inputs, targets, n_b: int, method: str):
         if method == "forward-over-reverse":
             return self._batch_hvp_forward(tangents, inputs, targets)
+        entry = None
         if method == CACHED and not self._bypass_cache:
             entry = self._cached(index, lambda: _Linearised(self, inputs, targets, n_b, measure=True))
-            if entry is not None:
-                return entry.product(tangents)
-        return self._batch_hvp_reverse(tangents, inputs, targets)
+        if entry is None:  # not cached: the graph for this product only
+            entry = _Linearised(self, inputs, targets, 0, measure=False)
+        if self._probed_pass:
+            self._first_losses[index] = entry.loss  # what the probe evaluates again
+        return entry.product(tangents)
+
+    def _probe(self, v, y) -> None:
+        """After the first product, each batch's loss evaluated again (one forward pass per batch) must
+        equal the loss whose graph gave the product: randomness (dropout masks, augmentations) or data
+        that change between passes change it. Far cheaper than recomputing the product, which is what
+        forward-over-reverse products (no graph kept, no loss recorded) still do."""
+        if not self._first_losses:
+            return super()._probe(v, y)
+        self._check_finite(y)
+        first, self._first_losses = [self._first_losses[i] for i in sorted(self._first_losses)], {}
+        diff = guard(self.comm, self._loss_difference, first) if self.comm is not None else \
+            self._loss_difference(first)
+        if self.comm is not None:  # every rank decides alike
+            buf = np.array([diff], dtype=np.float64)
+            self.comm.allreduce_sum(buf)
+            diff = float(buf[0])
+        self.last_probe = diff
+        if not diff <= self.probe_rtol:  # also catches NaN
+            raise NonDeterministicOperatorError(
+                f"two evaluations of the loss at the same parameters differ by {diff:.3g} relative (more than the "
+                f"{self.probe_rtol:.2g} that {self.dtype} rounding allows; the determinism probe evaluates every "
+                f"batch's loss again after the first product): the loss is not a fixed function of the "
+                f"parameters. {self._nondeterminism_advice()}"
+            )
+
+    def _loss_difference(self, first) -> float:
+        """||l2 - l1|| / ||l1|| over the batches' losses l1 (recorded) and l2 (evaluated now)."""
+        again = []
+        with torch.no_grad():
+            for i, (inputs, targets, _) in enumerate(self.batches()):
+                with self._rng(i):
+                    again.append(self._loss(self._params, inputs, targets).detach())
+        if len(again) != len(first):
+            return math.inf  # the data yielded another number of batches
+        a = torch.stack([t.to(torch.float64) for t in first])
+        b = torch.stack([t.to(torch.float64) for t in again])
+        den = float(torch.linalg.vector_norm(a))
+        num = float(torch.linalg.vector_norm(a - b))
+        return num / den if den > 0 else (0.0 if num == 0 else math.inf)
 
     def _items(self, method: str):
         """``(index, inputs, targets, n_samples)`` per microbatch; once every batch's graph is cached,
@@ -612,7 +654,7 @@ class _Linearised:
     every saved tensor of every later product).
     """
 
-    __slots__ = ("names", "leaves", "grads", "live", "n_samples", "nbytes")
+    __slots__ = ("names", "leaves", "grads", "live", "n_samples", "nbytes", "loss")
 
     def __init__(self, op, inputs, targets, n_samples: int, *, measure: bool):
         self.n_samples = n_samples
@@ -622,6 +664,7 @@ class _Linearised:
             leaves = [ps[k] for k in names]
             loss = op._loss(ps, inputs, targets)
             grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        self.loss = loss.detach()
         self.live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         self.leaves = leaves
         self.grads = [grads[i] for i in self.live]
