@@ -1,0 +1,91 @@
+"""Trace and spectral density of a torch MLP's Hessian against its dense torch.func.hessian."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import pycurv  # noqa: E402
+import pycurv.torch as pt  # noqa: E402
+
+
+def _model_and_data():
+    """An MLP of 1243 parameters on 300 regression samples: a spectrum with a spread bulk and outliers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 40), nn.Tanh(), nn.Linear(40, 20), nn.Tanh(), nn.Linear(20, 3)).double()
+    x = torch.randn(300, 8, dtype=torch.float64)
+    y = torch.sin(x[:, :3] * 2.0) + 0.3 * torch.randn(300, 3, dtype=torch.float64)
+    return model, (x, y)
+
+
+def _dense_eigenvalues(model, data):
+    """Eigenvalues of torch.func.hessian of the mean loss over the flat parameter vector."""
+    x, y = data
+    names = [k for k, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    sizes = [p.numel() for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss(theta):
+        params = {k: t.reshape(s) for k, t, s in zip(names, torch.split(theta, sizes), shapes)}
+        return F.mse_loss(torch.func.functional_call(model, params, (x,)), y)
+
+    with warnings.catch_warnings():  # torch's first forward-mode use scripts its decompositions (deprecated API)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        H = torch.func.hessian(loss)(flat).numpy()
+    return np.linalg.eigvalsh((H + H.T) / 2)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, data = _model_and_data()
+    return model, data, _dense_eigenvalues(model, data)
+
+
+def test_density_matches_dense_eigenvalues(setup):
+    """The density's distribution function within Kolmogorov distance 0.05 of the dense eigenvalues'.
+
+    Both at the density's resolution, a Gaussian of sigma = 1/500 of the nodes' range (measured
+    0.015, 0.009, 0.008 for seeds 0-2). Unsmoothed, the distance is 0.38: two thirds of this
+    Hessian's eigenvalues lie within 1e-2 of zero, a cluster 80 nodes cannot split, and the
+    quadrature's step function is then only as fine as its node there (Chebyshev-Markov-Stieltjes).
+    """
+    model, data, ev = setup
+    H = pt.hessian(model, F.mse_loss, data)
+    sd = pycurv.spectral_density(H, n_probes=10, n_steps=80, seed=0)
+    assert sd.nodes.shape == (10, 80) and sd.n_matvecs == 800
+    sigma = (sd.nodes.max() - sd.nodes.min()) / 500
+    t = np.linspace(ev[0] - 5 * sigma, ev[-1] + 5 * sigma, 3000)
+    true = np.array([0.5 * math.erfc((lam - u) / (sigma * math.sqrt(2))) for u in t for lam in ev])
+    true = true.reshape(t.size, ev.size).mean(axis=1)
+    dist = float(np.max(np.abs(sd.cdf(t, sigma) - true)))
+    assert dist <= 0.05, dist
+    # The density integrates to 1 on the same grid, and the extreme nodes find the extreme eigenvalues.
+    rho = sd.density(t, sigma)
+    assert abs(np.sum(0.5 * (rho[1:] + rho[:-1]) * np.diff(t)) - 1.0) <= 1e-3
+    assert abs(sd.nodes.max() - ev[-1]) <= 1e-8 * abs(ev[-1])
+    assert abs(sd.nodes.min() - ev[0]) <= 1e-3 * np.max(np.abs(ev))
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_trace_matches_dense_eigenvalues(setup, method):
+    """Within 3 stderr in >= 95% of 200 seeds; RMS stderr within 30% of the spread (30 products each)."""
+    model, data, ev = setup
+    H = pt.hessian(model, F.mse_loss, data)
+    est = [pycurv.trace(H, n_matvecs=30, method=method, seed=s) for s in range(200)]
+    values = np.array([e.value for e in est])
+    stderr = np.array([e.stderr for e in est])
+    true = float(ev.sum())
+    covered = np.mean(np.abs(values - true) <= 3 * stderr)
+    assert covered >= 0.95, covered
+    ratio = math.sqrt(np.mean(stderr**2)) / np.std(values, ddof=1)
+    assert 0.7 <= ratio <= 1.3, ratio
+    assert all(e.n_matvecs == 30 for e in est)
