@@ -89,3 +89,27 @@ def test_trace_matches_dense_eigenvalues(setup, method):
     ratio = math.sqrt(np.mean(stderr**2)) / np.std(values, ddof=1)
     assert 0.7 <= ratio <= 1.3, ratio
     assert all(e.n_matvecs == 30 for e in est)
+
+
+def test_sharpness_spread_over_resampled_subsets():
+    from pycurv.torch.spread import _t_quantile
+
+    assert abs(_t_quantile(0.975, 9) - 2.2622) <= 1e-3 and abs(_t_quantile(0.95, 1000) - 1.6464) <= 2e-3
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(64, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (64,))
+    sp = pt.sharpness_spread(model, F.cross_entropy, (x, y), n_resamples=5, subset_size=16, seed=3, tol=1e-10)
+    assert sp.values.shape == (5,) and sp.subset_size == 16 and sp.converged
+    # Each value is λ1 on its subset, drawn as documented.
+    rng = np.random.default_rng(3)
+    for v in sp.values:
+        idx = torch.as_tensor(np.sort(rng.choice(64, size=16, replace=False)))
+        assert abs(v - pt.sharpness(model, F.cross_entropy, (x[idx], y[idx]), tol=1e-10)) <= 1e-8 * abs(v)
+    assert sp.mean == pytest.approx(np.mean(sp.values)) and sp.std == pytest.approx(np.std(sp.values, ddof=1))
+    half = 2.7764 * sp.std / math.sqrt(5)  # t(0.975, 4)
+    assert sp.ci[0] == pytest.approx(sp.mean - half, rel=1e-3) and sp.ci[1] == pytest.approx(sp.mean + half, rel=1e-3)
+    with pytest.raises(ValueError, match="n_resamples must be >= 2 for a spread, got n_resamples=1"):
+        pt.sharpness_spread(model, F.cross_entropy, (x, y), n_resamples=1)
+    with pytest.raises(ValueError, match="subset_size must satisfy 1 <= subset_size < 64"):
+        pt.sharpness_spread(model, F.cross_entropy, (x, y), subset_size=64)
