@@ -113,3 +113,18 @@ def test_sharpness_spread_over_resampled_subsets():
         pt.sharpness_spread(model, F.cross_entropy, (x, y), n_resamples=1)
     with pytest.raises(ValueError, match="subset_size must satisfy 1 <= subset_size < 64"):
         pt.sharpness_spread(model, F.cross_entropy, (x, y), subset_size=64)
+
+
+def test_stability_report_carries_top_k_and_ratios():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rep = pt.stability_report(model, F.cross_entropy, (x, y), opt, k=3, tol=1e-10)
+    top = pycurv.lanczos(pt.hessian(model, F.cross_entropy, (x, y)), 3, tol=1e-10, seed=0).eigenvalues
+    assert np.allclose(rep.top_k, top, rtol=1e-8) and rep.value == rep.top_k[0]
+    assert rep.ratios[0] == 1.0 and np.allclose(rep.ratios, top / top[0])
+    assert "top 3: λ1 = " in str(rep) and f"({top[1] / top[0]:.3g} λ1)" in str(rep)
+    assert pt.stability_report(model, F.cross_entropy, (x, y), opt).top_k == ()
+    with pytest.raises(ValueError, match="top_k must be descending and start with value"):
+        pycurv.margin_report(1.0, 2.0, top_k=(2.0, 1.0))
