@@ -317,3 +317,23 @@ def test_wrt_selects_parameters_like_torch_params():
             assert abs(lam - np.linalg.eigvalsh(block)[-1]) <= 1e-8 * np.max(np.abs(block))
         with pytest.raises(ValueError, match="wrt names \\['nope'\\] match no parameter; the leaves are named '0/b'"):
             pj.hessian(loss_fn, params, data[0], wrt="nope")
+
+
+def test_trace_and_density_of_a_jax_hessian():
+    """pycurv.trace and pycurv.spectral_density take the JAX adapter: exact where the budget covers n."""
+    with x64(True):
+        params, loss_fn, data = case("mlp-tanh-xent")
+        D = dense(loss_fn, params, data)
+        ev = np.linalg.eigvalsh(D)
+        H = pj.hessian(loss_fn, params, data[0])
+        n = H.shape[0]
+        exact = pycurv.trace(H, n_matvecs=n, seed=0)
+        assert exact.method == "exact" and abs(exact.value - ev.sum()) <= 1e-10 * np.abs(ev).sum()
+        est = pycurv.trace(H, n_matvecs=30, seed=1)
+        assert est.n_matvecs == 30 and abs(est.value - ev.sum()) <= 4 * est.stderr
+        sd = pycurv.spectral_density(H, n_probes=2, n_steps=n + 5, seed=0)
+        assert sd.nodes.shape == (2, n + 5) and np.all(sd.n_nodes <= n)
+        # Full Krylov spaces: the quadrature's nodes are eigenvalues, its moments exact.
+        top = sd.nodes[np.arange(2), sd.n_nodes - 1]
+        assert np.allclose(top, ev[-1], rtol=1e-8)
+        assert np.allclose(sd.weights.sum(axis=1), 1.0, atol=1e-14)
