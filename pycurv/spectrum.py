@@ -30,6 +30,7 @@ from .operators import as_operator
 __all__ = ["trace", "spectral_density", "TraceEstimate", "SpectralDensity"]
 
 _METHODS = ("hutchinson", "hutch++")
+_BLOCK = 1024  # grid points evaluated at once by density() and cdf()
 
 
 @dataclass(frozen=True)
@@ -116,9 +117,12 @@ class SpectralDensity:
         """
         sigma = _checks.check_positive("sigma", sigma)
         t = _grid(grid)
-        z = (t[:, None] - self.nodes.reshape(-1)[None, :]) / sigma
-        kernel = np.exp(-0.5 * z * z) / (sigma * math.sqrt(2.0 * math.pi))
-        return kernel @ self.weights.reshape(-1) / self.nodes.shape[0]
+        th, w = self.nodes.reshape(-1), self.weights.reshape(-1)
+        out = np.empty(t.size)
+        for lo in range(0, t.size, _BLOCK):  # bounded memory: a block of the grid against every node
+            z = (t[lo:lo + _BLOCK, None] - th[None, :]) / sigma
+            out[lo:lo + _BLOCK] = np.exp(-0.5 * z * z) @ w
+        return out / (sigma * math.sqrt(2.0 * math.pi) * self.nodes.shape[0])
 
     def cdf(self, grid, sigma: Optional[float] = None) -> np.ndarray:
         """The estimated spectral distribution function (the fraction of eigenvalues <= t) at the points ``grid``.
@@ -134,13 +138,15 @@ class SpectralDensity:
         over its neighbourhood and follows such clusters better.
         """
         t = _grid(grid)
-        th = self.nodes.reshape(-1)[None, :]
-        if sigma is None:
-            step = (th <= t[:, None]).astype(np.float64)
-        else:
+        th, w = self.nodes.reshape(-1)[None, :], self.weights.reshape(-1)
+        if sigma is not None:
             sigma = _checks.check_positive("sigma", sigma)
-            step = 0.5 * _erfc((th - t[:, None]) / (sigma * math.sqrt(2.0)))
-        return step @ self.weights.reshape(-1) / self.nodes.shape[0]
+        out = np.empty(t.size)
+        for lo in range(0, t.size, _BLOCK):
+            u = t[lo:lo + _BLOCK, None]
+            step = (th <= u).astype(np.float64) if sigma is None else 0.5 * _erfc((th - u) / (sigma * math.sqrt(2.0)))
+            out[lo:lo + _BLOCK] = step @ w
+        return out / self.nodes.shape[0]
 
     def __repr__(self) -> str:
         return (f"SpectralDensity(n_probes={self.nodes.shape[0]}, n_steps={self.nodes.shape[1]}, "

@@ -83,7 +83,7 @@ def sharpness_spread(model, loss_fn: Callable, data, *, n_resamples: int = 10, s
         values.append(float(res.eigenvalues[0]))
         mvs.append(int(res.n_matvecs))
         conv = conv and bool(res.converged)
-        v0 = np.asarray(res.eigenvectors[:, 0], dtype=np.float64)
+        v0 = res.eigenvectors[:, 0]  # a device array for a model on a GPU: lanczos takes it there
     vals = np.asarray(values)
     mean, std = float(vals.mean()), float(vals.std(ddof=1))
     half = _t_quantile(0.5 + confidence / 2, r - 1) * std / math.sqrt(r)
