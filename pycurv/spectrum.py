@@ -170,7 +170,9 @@ def trace(A, *, n_matvecs: int = 100, method: str = "hutch++", seed=None, n: Opt
         Rademacher vectors z (needs at least 2). ``"hutch++"`` (Meyer et al.
         2021, Alg. 1): a third of the budget sketches the range, ``Q =
         orth(A S)``; a third gives ``tr(Q^T A Q)`` exactly; the rest runs
-        Hutchinson on the deflated ``(I - QQ^T) A (I - QQ^T)`` (needs at least 4).
+        Hutchinson on the deflated ``(I - QQ^T) A (I - QQ^T)`` (needs at least 4;
+        holds the n_matvecs/3 sketch vectors, ``8 n n_matvecs / 3`` bytes, on
+        the host, orthonormalised by NumPy's QR).
         Its error falls like 1/m instead of 1/sqrt(m) when a few eigenvalues
         dominate, as in the Hessians of trained networks; where none do and the
         budget is small, the two thirds not spent on samples cost more than the
