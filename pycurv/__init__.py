@@ -4,6 +4,8 @@ The compiled core finds extreme eigenvalues of symmetric operators from
 matrix-vector products alone: float64 thick-restart Lanczos with full
 reorthogonalisation. Stability thresholds and the NQM live in ``pycurv.stability``,
 practical solvers (critical learning rate, catapult warmup) in ``pycurv.solvers``.
+The trace (Hutchinson, Hutch++) and the spectral density (stochastic Lanczos
+quadrature) come from :func:`pycurv.trace` and :func:`pycurv.spectral_density`.
 Framework adapters live in ``pycurv.torch`` and ``pycurv.jax`` (imported on
 demand); ``import pycurv`` needs NumPy only. Operators whose vectors live on
 a GPU are solved there by ``pycurv._cuda`` when the package was built with CUDA.
@@ -31,6 +33,7 @@ from .operators import (
     as_operator,
 )
 from .results import History, LanczosProgress, LanczosResult
+from .spectrum import SpectralDensity, TraceEstimate, spectral_density, trace
 from . import solvers, stability
 from .solvers import CriticalLR, PersistentCatapultWarmup, critical_lr, warmup_timing
 from .stability import (
@@ -54,6 +57,11 @@ __all__ = [
     "LanczosResult",
     "LanczosProgress",
     "History",
+    # the wider spectrum: trace and density
+    "trace",
+    "TraceEstimate",
+    "spectral_density",
+    "SpectralDensity",
     # operators
     "Operator",
     "MatrixOperator",

@@ -118,6 +118,43 @@ class LanczosState:
     def residuals_explicit(self) -> bool:
         """Whether the residuals were computed as |A y - theta y| rather than estimated."""
 
+class TridiagState:
+    """A fixed number of Lanczos steps from one start vector, returning the tridiagonal matrix (for quadrature).
+
+    float64 basis of steps + 1 vectors, full reorthogonalisation (CGS2), no restarts. Stops early, with
+    ``exhausted`` True, where the start vector's Krylov space is invariant (|f| ~ 0, or steps = n).
+    """
+
+    def __init__(self, *, n: int, steps: int) -> None:
+        """n: dimension; steps: Lanczos steps (products) wanted, >= 1. Raises ValueError otherwise."""
+    def advance(self) -> Request:
+        """Run until the next request, MATVEC or DONE (releases the GIL)."""
+    def start_vector(self) -> np.ndarray:
+        """Writable float64 view (n,) of basis slot 0: the start vector (any nonzero finite scale), before advance()."""
+    def matvec_input(self) -> np.ndarray:
+        """Read-only float64 view (n,) of the vector q to multiply on MATVEC."""
+    def set_matvec_output(self, w: ArrayLike) -> None:
+        """Hand back A @ q (n entries, cast to float64 C order; kept alive by the state)."""
+    def alphas(self) -> np.ndarray:
+        """Diagonal of the tridiagonal matrix (steps_done entries), after DONE."""
+    def betas(self) -> np.ndarray:
+        """Off-diagonal of the tridiagonal matrix (steps_done - 1 entries), after DONE."""
+    @property
+    def n_matvecs(self) -> int:
+        """Products requested so far."""
+    @property
+    def steps_done(self) -> int:
+        """Lanczos steps completed (the size of the tridiagonal matrix)."""
+    @property
+    def exhausted(self) -> bool:
+        """Whether the recurrence stopped at an invariant Krylov space before the steps asked for."""
+    @property
+    def n_pass3(self) -> int:
+        """Steps that needed a third Gram-Schmidt pass."""
+    @property
+    def last_beta(self) -> float:
+        """|f| after the last step (0 when exhausted)."""
+
 def symeig(a: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Eigen-decomposition of a small dense symmetric matrix: (ascending eigenvalues, eigenvectors as columns)."""
 

@@ -89,8 +89,8 @@ class Progress:
 
 
 def measure_top(op, *, tol=None, seed=0, v0=None, max_matvecs=None, progress=None, which: str = "LA",
-                label: str = "sharpness", criterion: str = "residual"):
-    """One Lanczos solve for the top (``which="LA"``) or bottom eigenpair of an adapter operator.
+                label: str = "sharpness", k: int = 1, criterion: str = "residual"):
+    """One Lanczos solve for the top (``which="LA"``) or bottom k eigenpairs of an adapter operator (k=1 default).
 
     ``tol=None`` picks :func:`pycurv._adapter.default_tol` of the operator's dtype.
     Never warns: the result's ``converged``/``status`` say how it ended.
@@ -104,7 +104,7 @@ def measure_top(op, *, tol=None, seed=0, v0=None, max_matvecs=None, progress=Non
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            return lanczos(op, 1, which=which, tol=tol, seed=seed, v0=v0, max_matvecs=max_matvecs,
+            return lanczos(op, k, which=which, tol=tol, seed=seed, v0=v0, max_matvecs=max_matvecs,
                            callback=bar if bar.wanted else None, criterion=criterion)
     finally:
         bar.close()

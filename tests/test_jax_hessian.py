@@ -295,3 +295,45 @@ def test_linearised_products_cached_per_batch_match_dense_and_respect_the_budget
         assert lam == pytest.approx(np.linalg.eigvalsh(D)[-1], rel=1e-10)
         with pytest.raises(ValueError, match="hvp must be 'auto'"):
             pj.hessian(loss_fn, params, data, hvp="reverse")
+
+
+def test_wrt_selects_parameters_like_torch_params():
+    """wrt= restricts the Hessian to named leaves: the matching block of the dense Hessian, the rest held fixed."""
+    with x64(True):
+        params, loss_fn, data = case("mlp-tanh-xent")
+        names = pj.leaf_names(params)
+        assert names == ["0/b", "0/w", "1/b", "1/w"]
+        D = dense(loss_fn, params, data)
+        sizes = [int(np.size(a)) for a in jax.tree_util.tree_leaves(params)]
+        starts = np.cumsum([0] + sizes)
+        for wrt, chosen in (("1", [2, 3]), (["0/w"], [1]), (["1/w", "0/b"], [0, 3])):
+            idx = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in chosen])
+            block = D[np.ix_(idx, idx)]
+            H = pj.hessian(loss_fn, params, data[0], wrt=wrt)
+            assert H.shape == (idx.size, idx.size)
+            v = np.random.default_rng(0).standard_normal(idx.size)
+            assert np.max(np.abs(H.matvec(v) - block @ v)) <= 1e-10 * np.max(np.abs(block)) * np.linalg.norm(v)
+            lam = pj.sharpness(loss_fn, params, data[0], wrt=wrt, tol=1e-10)
+            assert abs(lam - np.linalg.eigvalsh(block)[-1]) <= 1e-8 * np.max(np.abs(block))
+        with pytest.raises(ValueError, match="wrt names \\['nope'\\] match no parameter; the leaves are named '0/b'"):
+            pj.hessian(loss_fn, params, data[0], wrt="nope")
+
+
+def test_trace_and_density_of_a_jax_hessian():
+    """pycurv.trace and pycurv.spectral_density take the JAX adapter: exact where the budget covers n."""
+    with x64(True):
+        params, loss_fn, data = case("mlp-tanh-xent")
+        D = dense(loss_fn, params, data)
+        ev = np.linalg.eigvalsh(D)
+        H = pj.hessian(loss_fn, params, data[0])
+        n = H.shape[0]
+        exact = pycurv.trace(H, n_matvecs=n, seed=0)
+        assert exact.method == "exact" and abs(exact.value - ev.sum()) <= 1e-10 * np.abs(ev).sum()
+        est = pycurv.trace(H, n_matvecs=30, seed=1)
+        assert est.n_matvecs == 30 and abs(est.value - ev.sum()) <= 4 * est.stderr
+        sd = pycurv.spectral_density(H, n_probes=2, n_steps=n + 5, seed=0)
+        assert sd.nodes.shape == (2, n + 5) and np.all(sd.n_nodes <= n)
+        # Full Krylov spaces: the quadrature's nodes are eigenvalues, its moments exact.
+        top = sd.nodes[np.arange(2), sd.n_nodes - 1]
+        assert np.allclose(top, ev[-1], rtol=1e-8)
+        assert np.allclose(sd.weights.sum(axis=1), 1.0, atol=1e-14)

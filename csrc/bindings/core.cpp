@@ -8,6 +8,7 @@
 
 #include "../cpu/basis_cpu.hpp"
 #include "pycurv/lanczos.hpp"
+#include "pycurv/tridiag.hpp"
 #include "state_common.hpp"
 
 #ifdef _OPENMP
@@ -45,6 +46,31 @@ class CpuState {
   int64_t n_;
   py::object out_keep_ = py::none();
 };
+
+// Fixed-step Lanczos for quadrature: the basis and the recurrence (tridiag.hpp).
+class CpuTridiag {
+ public:
+  CpuTridiag(int64_t n, int steps) : basis_(n, steps + 1, 0), td_(n, steps, &basis_), n_(n) {}
+
+  void set_matvec_output(py::array_t<double, py::array::c_style | py::array::forcecast> w) {
+    if (w.size() != n_)
+      throw std::invalid_argument("matvec output has " + std::to_string(w.size()) + " entries, expected " +
+                                  std::to_string(n_));
+    out_keep_ = w;
+    td_.set_matvec_output(w.data());
+  }
+
+  CpuBasis basis_;
+  pycurv::Tridiag<CpuBasis> td_;
+  int64_t n_;
+  py::object out_keep_ = py::none();
+};
+
+py::array vector_view(const double* p, py::ssize_t len, py::handle self, bool writeable) {
+  py::array a(py::dtype::of<double>(), {len}, {static_cast<py::ssize_t>(sizeof(double))}, p, self);
+  if (!writeable) py::detail::array_proxy(a.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+  return a;
+}
 
 }  // namespace
 
@@ -118,6 +144,39 @@ PYBIND11_MODULE(_core, m) {
            },
            "Copy of the Ritz vectors, one per row, wanted end first.");
   pycurv_binding::def_results(state);
+
+  py::class_<CpuTridiag>(m, "TridiagState")
+      .def(py::init([](int64_t n, int steps) {
+             if (n < 1) throw std::invalid_argument("n must be >= 1, got " + std::to_string(n));
+             if (steps < 1) throw std::invalid_argument("steps must be >= 1, got " + std::to_string(steps));
+             return new CpuTridiag(n, steps);
+           }),
+           py::kw_only(), py::arg("n"), py::arg("steps"))
+      .def(
+          "advance",
+          [](CpuTridiag& s) {
+            py::gil_scoped_release release;
+            return s.td_.advance();
+          },
+          "Run until the next request (MATVEC or DONE).")
+      .def("start_vector",
+           [](py::object self) {
+             CpuTridiag& s = self.cast<CpuTridiag&>();
+             return vector_view(s.basis_.slot(0), s.n_, self, true);
+           })
+      .def("matvec_input",
+           [](py::object self) {
+             CpuTridiag& s = self.cast<CpuTridiag&>();
+             return vector_view(s.td_.matvec_input(), s.n_, self, false);
+           })
+      .def("set_matvec_output", &CpuTridiag::set_matvec_output, py::arg("w"))
+      .def("alphas", [](CpuTridiag& s) { return pycurv_binding::to_array(s.td_.alphas()); })
+      .def("betas", [](CpuTridiag& s) { return pycurv_binding::to_array(s.td_.betas()); })
+      .def_property_readonly("n_matvecs", [](CpuTridiag& s) { return s.td_.n_matvecs(); })
+      .def_property_readonly("steps_done", [](CpuTridiag& s) { return s.td_.steps_done(); })
+      .def_property_readonly("exhausted", [](CpuTridiag& s) { return s.td_.exhausted(); })
+      .def_property_readonly("n_pass3", [](CpuTridiag& s) { return s.td_.n_pass3(); })
+      .def_property_readonly("last_beta", [](CpuTridiag& s) { return s.td_.last_beta(); });
 
   m.def(
       "symeig",

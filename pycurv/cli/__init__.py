@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 from ._common import CliError, Parser, run_command
 
 # Subcommand modules, in the order they are listed by --help.
-_COMMANDS = ("demo", "sharpness", "stability", "nqm", "info")
+_COMMANDS = ("demo", "sharpness", "spectrum", "stability", "nqm", "info")
 
 
 def build_parser() -> Parser:

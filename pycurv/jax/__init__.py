@@ -24,10 +24,10 @@ from .._optional import require
 
 require("jax", "pycurv.jax")
 
-from .functions import hessian, sharpness  # noqa: E402
+from .functions import hessian, leaf_names, sharpness  # noqa: E402
 from .operator import HessianOperator  # noqa: E402
 from .preconditioners import adam_preconditioner, find_adam_state, find_hyperparams  # noqa: E402
 from .tracker import Tracker  # noqa: E402
 
-__all__ = ["hessian", "sharpness", "HessianOperator", "adam_preconditioner", "find_adam_state", "find_hyperparams",
-           "Tracker"]
+__all__ = ["hessian", "sharpness", "leaf_names", "HessianOperator", "adam_preconditioner", "find_adam_state",
+           "find_hyperparams", "Tracker"]

@@ -8,7 +8,7 @@ from .._progress import measure_top
 from ..errors import NoConvergence
 from .operator import HessianOperator
 
-__all__ = ["hessian", "sharpness"]
+__all__ = ["hessian", "sharpness", "leaf_names"]
 
 
 def hessian(
@@ -28,6 +28,7 @@ def hessian(
     shard_basis: bool = False,
     hvp: str = "auto",
     cache=None,
+    wrt=None,
 ) -> HessianOperator:
     """The Hessian of ``loss_fn`` over ``data`` at ``params``, as a pycurv operator.
 
@@ -81,10 +82,71 @@ def hessian(
         the free memory of the device; False or 0 caches nothing.
         ``H.cache_batches`` and ``H.cache_bytes`` say what is held; the solver
         releases it when a solve ends.
+    wrt : str or sequence of str, optional
+        The parameters the Hessian is taken with respect to, as torch's
+        ``params=`` selects by name (JAX's ``params`` is the pytree itself, hence
+        the name). A leaf's name is its key path joined by ``/`` (``"dense1/w"``;
+        list and tuple entries by index, ``"layers/0/w"``); a name selects that
+        leaf or every leaf under it (``"dense1"``). The others are held fixed at
+        their values. The flat vector is the selected leaves in ``params``'s
+        order, and ``H.unravel`` returns them as a tuple. A preconditioner must
+        then be the diagonal of P for the selected parameters (a 1-D array).
     """
+    if wrt is not None:
+        loss_fn, params = _restrict(loss_fn, params, wrt)
+        if preconditioner is not None and not hasattr(preconditioner, "ndim"):
+            raise ValueError("with wrt= the preconditioner must be the 1-D diagonal of P for the selected parameters "
+                             "(an optax state covers all of params); build it with pycurv.jax.adam_preconditioner "
+                             "and take the selected entries")
     return HessianOperator(loss_fn, params, data, preconditioner=preconditioner, dtype=dtype, reduction=reduction,
                            check_determinism=check_determinism, probe_rtol=probe_rtol, l2=l2, jit=jit, mesh=mesh,
                            data_axis=data_axis, shard_basis=shard_basis, hvp=hvp, cache=cache)
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def leaf_names(params) -> list:
+    """The names :func:`hessian`'s ``wrt=`` selects by: each leaf's key path joined by ``/``, in leaf order."""
+    import jax
+
+    return ["/".join(_key_name(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def _restrict(loss_fn: Callable, params, wrt):
+    """``loss_fn`` as a function of the selected leaves only (a tuple, in leaf order), the others fixed."""
+    import jax
+
+    wanted = [wrt] if isinstance(wrt, str) else list(wrt)
+    if not wanted or not all(isinstance(w, str) and w for w in wanted):
+        raise ValueError(f"wrt must name parameters (a string or a sequence of non-empty strings), got wrt={wrt!r}")
+    names = leaf_names(params)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+
+    def hit(name, w):
+        return name == w or name.startswith(w.rstrip("/") + "/")
+
+    missing = [w for w in wanted if not any(hit(n, w) for n in names)]
+    if missing:
+        shown = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
+        raise ValueError(f"wrt names {missing} match no parameter; the leaves are named {shown}")
+    chosen = [i for i, n in enumerate(names) if any(hit(n, w) for w in wanted)]
+    fixed = list(leaves)
+
+    def merged(selected):
+        full = list(fixed)
+        for i, leaf in zip(chosen, selected):
+            full[i] = leaf
+        return jax.tree_util.tree_unflatten(treedef, full)
+
+    def restricted(selected, batch):
+        return loss_fn(merged(selected), batch)
+
+    return restricted, tuple(leaves[i] for i in chosen)
 
 
 def sharpness(loss_fn: Callable, params, data, *, tol: Optional[float] = None, seed: int = 0, v0=None,

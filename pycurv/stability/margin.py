@@ -38,6 +38,10 @@ class MarginReport:
     advice : str
         Past the threshold: what to expect and what to do (the largest stable
         learning rate, warmup, GI-Adam for Adam); ``""`` while stable.
+    top_k : tuple of float
+        The k largest eigenvalues (λ1, ..., λk) of the same operator, descending,
+        when the report was measured with ``k >= 2``; ``()`` otherwise.
+        :attr:`ratios` are λi/λ1 (Gilmer et al. 2022, §7, on improving λk/λ1).
     """
 
     value: float
@@ -48,9 +52,22 @@ class MarginReport:
     text: str
     function: str = ""
     advice: str = ""
+    top_k: tuple = ()
+
+    @property
+    def ratios(self) -> tuple:
+        """λi/λ1 for the values in ``top_k`` (``()`` without them; NaN when λ1 = 0)."""
+        if not self.top_k:
+            return ()
+        first = self.top_k[0]
+        return tuple(v / first if first != 0 else math.nan for v in self.top_k)
 
     def __str__(self) -> str:
         lines = [self.text]
+        if len(self.top_k) >= 2:
+            lines.append("top " + str(len(self.top_k)) + ": " + ", ".join(
+                f"λ{i + 1} = {format_number(v)}" + ("" if i == 0 else f" ({r:.3g} λ1)")
+                for i, (v, r) in enumerate(zip(self.top_k, self.ratios))))
         if self.function:
             lines.append(f"measured on the {self.function}")
         if self.advice:
@@ -75,7 +92,7 @@ def _format_margin(margin: float) -> str:
     return text
 
 
-def margin_report(value, thr, *, function: str = "") -> MarginReport:
+def margin_report(value, thr, *, function: str = "", top_k=()) -> MarginReport:
     """Compare a measured sharpness with a :class:`Threshold` (or a plain threshold number).
 
     ``margin = value / threshold``; ``stable`` is ``margin <= 1``. For Adam, AdamW and
@@ -83,9 +100,14 @@ def margin_report(value, thr, *, function: str = "") -> MarginReport:
     (``thr.quantity`` says which), and the text names it:
     ``"preconditioned sharpness λ1(P⁻¹H) = 3.62e+04 is at 0.95 of 38/η = 38000"``.
     ``function`` names the loss that was measured; past the threshold ``advice``
-    says what to expect and what to do (:func:`unstable_advice`).
+    says what to expect and what to do (:func:`unstable_advice`). ``top_k``, the k
+    largest eigenvalues of the same operator (descending, ``value`` first), is
+    kept with their ratios λi/λ1.
     """
     value = as_real("value", value)
+    top_k = tuple(as_real("top_k", v) for v in top_k)
+    if top_k and (top_k[0] != value or any(b > a for a, b in zip(top_k, top_k[1:]))):
+        raise ValueError(f"top_k must be descending and start with value={value!r}, got top_k={top_k!r}")
     if isinstance(thr, Threshold):
         limit, quantity = thr.max_stable_sharpness, thr.quantity
         label = f"{thr.formula} = {format_number(limit)}"
@@ -98,7 +120,7 @@ def margin_report(value, thr, *, function: str = "") -> MarginReport:
     text = f"{name} = {format_number(value)} is at {_format_margin(margin)} of {label}"
     advice = unstable_advice(value, thr) if margin > 1.0 and isinstance(thr, Threshold) else ""
     return MarginReport(value=value, threshold=limit, margin=margin, stable=bool(margin <= 1.0),
-                        quantity=quantity, text=text, function=str(function), advice=advice)
+                        quantity=quantity, text=text, function=str(function), advice=advice, top_k=top_k)
 
 
 def unstable_advice(value: float, thr: Threshold) -> str:

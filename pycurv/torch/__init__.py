@@ -32,12 +32,15 @@ require("torch", "pycurv.torch")
 from .functions import hessian, sharpness, stability_report  # noqa: E402
 from .operator import HessianOperator, ParameterLayout  # noqa: E402
 from .preconditioners import adam_preconditioner, init_adam_from_gradients, rmsprop_preconditioner  # noqa: E402
+from .spread import SharpnessSpread, sharpness_spread  # noqa: E402
 from .tracker import Tracker  # noqa: E402
 
 __all__ = [
     "hessian",
     "sharpness",
     "stability_report",
+    "sharpness_spread",
+    "SharpnessSpread",
     "HessianOperator",
     "ParameterLayout",
     "adam_preconditioner",

@@ -172,7 +172,7 @@ def sharpness(model, loss_fn: Callable, data, *, tol: Optional[float] = None, se
 
 
 def stability_report(model, loss_fn: Callable, data, optimizer, *, tol: Optional[float] = None, seed: int = 0,
-                     progress: Optional[bool] = None, group: int = 0, **hessian_kwargs):
+                     progress: Optional[bool] = None, group: int = 0, k: int = 1, **hessian_kwargs):
     """Sharpness against ``optimizer``'s stability threshold, in one call.
 
     For Adam/AdamW and RMSprop the preconditioned sharpness (the optimizer is
@@ -183,11 +183,14 @@ def stability_report(model, loss_fn: Callable, data, optimizer, *, tol: Optional
     ``stable``, ``quantity``, ``function``, ``advice``); its ``text`` reads like
     ``"λ1 = 19.7 is at 0.99 of 2/η = 20"``, and ``str(report)`` adds the function
     measured and, past the threshold, what to expect and do. The default
-    ``mode="batch_stats"`` measures the loss the optimizer descends.
+    ``mode="batch_stats"`` measures the loss the optimizer descends. With
+    ``k >= 2`` the k largest eigenvalues of the same operator are measured too
+    (``report.top_k``, ``report.ratios`` = λk/λ1).
     """
     thr = threshold_from_optimizer(optimizer, group=group)
     for key, value in operator_options(thr, optimizer).items():
         hessian_kwargs.setdefault(key, value)
     op = hessian(model, loss_fn, data, **hessian_kwargs)
-    res = measure_top(op, tol=tol, seed=seed, progress=progress)
-    return margin_report(float(res.eigenvalues[0]), thr, function=op.function)
+    res = measure_top(op, tol=tol, seed=seed, progress=progress, k=k)
+    top = [float(v) for v in res.eigenvalues]
+    return margin_report(top[0], thr, function=op.function, top_k=tuple(top) if k >= 2 else ())
