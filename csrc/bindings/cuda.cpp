@@ -621,6 +621,11 @@ PYBIND11_MODULE(_cuda, m) {
 #endif
     return d;
   });
+#ifdef PYCURV_CUDA_EMULATION
+  m.def("host_syncs", &pycurv::emulated_host_syncs,
+        "Emulated builds only: times the host has waited on the device so far (stream, event and device "
+        "synchronisations, synchronous copies).");
+#endif
   m.def(
       "read_bandwidth",
       [](int64_t n, int repeats, int device) {
