@@ -15,6 +15,7 @@ from ._native import build_info, set_num_threads
 from .errors import (
     ConvergenceWarning,
     CudaUnavailableError,
+    HostBasisWarning,
     MissingDependencyError,
     NoConvergence,
     NonDeterministicOperatorError,
@@ -86,6 +87,7 @@ __all__ = [
     "MissingDependencyError",
     "CudaUnavailableError",
     "ConvergenceWarning",
+    "HostBasisWarning",
     # build
     "build_info",
     "set_num_threads",
