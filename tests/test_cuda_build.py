@@ -310,3 +310,29 @@ def test_device_names():
             return "cuda:2"
 
     assert _gpu.normalize_device(TorchDeviceLike()) == "cuda:2"
+
+
+# ---- JAX devices in multi-process runs ---------------------------------------------------------
+
+
+def test_jax_gpu_is_named_by_its_local_hardware_id():
+    """Device.id counts GPUs across processes (process 1's first GPU is id 8 on 8-GPU hosts); CUDA's index is local."""
+    from pycurv._devices import jax_device_name
+
+    gpu = types.SimpleNamespace(platform="gpu", id=9, local_hardware_id=1, process_index=1)
+    assert jax_device_name(gpu) == "cuda:1"
+    assert jax_device_name(types.SimpleNamespace(platform="gpu", id=2, local_hardware_id=None)) == "cuda:2"
+    assert jax_device_name(types.SimpleNamespace(platform="cpu", id=0)) == "cpu:0"
+
+
+def test_jax_mesh_device_is_one_this_process_addresses(monkeypatch):
+    jax = pytest.importorskip("jax")
+    from pycurv._devices import jax_local_device
+
+    devs = [types.SimpleNamespace(platform="gpu", id=i, local_hardware_id=i % 2, process_index=i // 2)
+            for i in range(4)]
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert jax_local_device(devs) is devs[2]
+    monkeypatch.setattr(jax, "process_index", lambda: 3)
+    with pytest.raises(ValueError, match=r"none of the 4 devices of the mesh belongs to this process \(process 3\)"):
+        jax_local_device(devs)
