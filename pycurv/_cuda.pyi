@@ -40,7 +40,8 @@ class LanczosState:
     def __init__(self, *, n_local: int, n_global: int, offset: int, k: int, ncv: int, which: int, tol: float,
                  max_matvecs: int, seed: int, start_given: bool, check_multiplicity: bool,
                  explicit_residuals: bool, want_vectors: bool, yield_reduce: bool, unit_roundoff: float,
-                 device: int, stream: int = 0, host_basis: bool = False) -> None: ...
+                 device: int, stream: int = 0, host_basis: bool = False,
+                 stream_owner: Any = None) -> None: ...  # stream_owner: kept alive while the state and its vectors live
     def advance(self) -> Request: ...
     def set_start_vector(self, v0: Any) -> None: ...
     def matvec_input(self) -> DeviceArray: ...  # a view of a basis vector: do not write to it

@@ -91,8 +91,10 @@ class Framework:
     def eigenvectors(self, arr):
         return arr.numpy() if self.name is None else self.wrap(arr)
 
-    def stream(self, index: int) -> int:
-        return 0
+    def stream(self, index: int):
+        """(handle, owner): the current stream's raw handle (0: the legacy default stream) and the object that
+        keeps it alive, which the solver's state holds until its basis and its eigenvectors are gone."""
+        return 0, None
 
     def astype(self, x, dtype: str):
         if dtype != "float64":
@@ -120,7 +122,8 @@ class _Torch(Framework):
         return self.torch.from_dlpack(arr)
 
     def stream(self, index):
-        return int(self.torch.cuda.current_stream(index).cuda_stream)
+        stream = self.torch.cuda.current_stream(index)
+        return int(stream.cuda_stream), stream
 
     def astype(self, x, dtype):
         return x.to(getattr(self.torch, dtype))
@@ -143,7 +146,8 @@ class _CuPy(Framework):
 
     def stream(self, index):
         with self.cupy.cuda.Device(index):
-            return int(self.cupy.cuda.get_current_stream().ptr)
+            stream = self.cupy.cuda.get_current_stream()
+        return int(stream.ptr), stream
 
     def astype(self, x, dtype):
         return x.astype(dtype, copy=False)
@@ -240,8 +244,9 @@ class DeviceRun:
         self.matvec = self._matvec()
 
     def state(self, **options):
-        return self.cuda.LanczosState(**options, device=self.index, stream=self.framework.stream(self.index),
-                                      host_basis=self.host_basis)
+        handle, owner = self.framework.stream(self.index)
+        return self.cuda.LanczosState(**options, device=self.index, stream=handle, host_basis=self.host_basis,
+                                      stream_owner=owner)
 
     def _matvec(self):
         op, fw = self.op, self.framework

@@ -81,6 +81,12 @@ def test_info_reports_cuda_build(tmp_path):
     if info["cuda_compiled"]:
         build = info["cuda_build"]
         assert build["architectures"] in ("80 90", "emulated"), build  # explicit architectures, never native
+        expected_floor = None if build["emulated"] else {"12": "R525", "13": "R580"}[build["cuda_runtime"].split(".")[0]]
+        assert build["driver_floor"] == expected_floor, build
+        text = subprocess.run([str(_console_script()), "info"], capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path).stdout
+        if not build["emulated"]:
+            assert f"needs driver {expected_floor} or newer" in text, text
         if not info["cuda_devices"]:
             assert info["cuda_error"]  # why no device is visible, for bug reports
 

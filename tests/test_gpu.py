@@ -399,8 +399,83 @@ def test_host_outputs_are_copied_up():
 def test_basis_larger_than_the_device_is_a_memory_error_naming_the_bytes():
     n = 10**9  # 8 GB per vector: 41 of them do not fit on any single GPU (nor in the emulation's 4 GiB)
     f = pycurv.FunctionOperator(lambda x: x, n, device="cuda:0")
-    with pytest.raises(MemoryError, match=r"n=1000000000.*smaller ncv, or host_basis=True"):
+    with pytest.raises(MemoryError, match=r"n=1000000000.*smaller ncv, or host_basis=True.*outside PyTorch's caching "
+                                          r"allocator and JAX's preallocation: torch\.cuda\.empty_cache\(\) .*"
+                                          r"XLA_PYTHON_CLIENT_PREALLOCATE=false"):
         pycurv.lanczos(f, 1, ncv=40, seed=0)
+
+
+def test_the_stream_owner_lives_as_long_as_the_state_and_its_vectors():
+    """A framework's stream object (a cupy.cuda.Stream) must outlive the basis freed on it and the vectors naming it."""
+    import gc
+    import weakref
+
+    class Stream:
+        pass
+
+    owner = Stream()
+    alive = weakref.ref(owner)
+    n = 200
+    lam = np.r_[np.linspace(0.0, 1.0, n - 1), 2.0]
+    st = _cuda.LanczosState(
+        n_local=n, n_global=n, offset=0, k=1, ncv=10, which=0, tol=1e-10, max_matvecs=500, seed=0, start_given=False,
+        check_multiplicity=False, explicit_residuals=False, want_vectors=True, yield_reduce=False,
+        unit_roundoff=2.0**-53, device=0, stream_owner=owner)
+    del owner
+    while int(st.advance()) != DONE:
+        st.set_matvec_output(_on_device(lam * st.matvec_input().numpy()))
+    vectors = st.eigenvectors()
+    del st
+    gc.collect()
+    assert alive() is not None  # held by the eigenvectors
+    assert abs(vectors.numpy()[0] @ (lam * vectors.numpy()[0]) - 2.0) < 1e-9
+    del vectors
+    gc.collect()
+    assert alive() is None
+
+
+class _NoStreamExporter:
+    """A DLPack exporter from before the stream argument: __dlpack__() takes none."""
+
+    def __init__(self, arr):
+        self.arr = arr
+
+    def __dlpack__(self):
+        return self.arr.__dlpack__(stream=None)
+
+    def __dlpack_device__(self):
+        return self.arr.__dlpack_device__()
+
+
+def test_exporter_without_the_stream_argument_is_read_after_a_device_wide_wait():
+    a = dense(np.r_[np.linspace(-1.0, 1.0, 99), 2.0], seed=2)
+    f = pycurv.FunctionOperator(lambda x: _NoStreamExporter(_on_device(a @ x.numpy())), 100, device="cuda:0",
+                                dtype="float64")
+    assert pycurv.sharpness(f, tol=1e-12, seed=0) == pytest.approx(2.0, abs=1e-12)
+
+
+@pytest.mark.skipif(not EMULATED, reason="makes the emulated device disappear")
+def test_cleanup_never_throws_when_the_device_is_gone(tmp_path):
+    """Destructors and the DLPack deleter free quietly when the device cannot be made current (an exception out of
+    a destructor or a C callback is std::terminate: the process would abort)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, numpy as np\n"
+        "from pycurv import _cuda\n"
+        "arr = _cuda.DeviceArray.from_numpy(np.ones(8), device=1)\n"
+        "cap = _cuda.DeviceArray.from_numpy(np.ones(8), device=1).__dlpack__()\n"
+        "st = _cuda.LanczosState(n_local=8, n_global=8, offset=0, k=1, ncv=4, which=0, tol=1e-8, max_matvecs=50,\n"
+        "    seed=0, start_given=False, check_multiplicity=False, explicit_residuals=False, want_vectors=True,\n"
+        "    yield_reduce=False, unit_roundoff=2.0**-53, device=1)\n"
+        "os.environ['PYCURV_EMULATE_DEVICES'] = '1'  # cuda:1 is gone\n"
+        "del arr, cap, st\n"
+        "print('freed')\n")
+    env = dict(os.environ, PYCURV_EMULATE_DEVICES="2")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "freed", (proc.returncode, proc.stderr)
 
 
 @pytest.mark.skipif(not EMULATED, reason="sets the emulated device's properties")

@@ -419,7 +419,7 @@ CudaBasis::CudaBasis(int64_t n, int nslots, int nritz, int device, CUstream_st* 
 }
 
 CudaBasis::~CudaBasis() {
-  ScopedDevice guard(device_);
+  ScopedDevice guard(device_, std::nothrow);
   release();
 }
 
@@ -469,7 +469,9 @@ double* CudaBasis::alloc_device(size_t bytes, const char* what) {
       << " float64 (8 n (ncv + 1) bytes in all, plus the Ritz vectors), with " << gib(double(free_b)) << " free of "
       << gib(double(total_b)) << " (" << cudaGetErrorString(err)
       << "); pass a smaller ncv, or host_basis=True to keep the basis in pinned host memory (slower: the kernels "
-         "then read it over the bus)";
+         "then read it over the bus). The basis comes from CUDA's own memory pool, outside PyTorch's caching "
+         "allocator and JAX's preallocation: torch.cuda.empty_cache() returns what torch has cached unused, and "
+         "XLA_PYTHON_CLIENT_PREALLOCATE=false (set before JAX starts) stops JAX from taking 75% of the memory";
     throw DeviceMemoryError(s.str(), bytes);
   }
   device_bytes_ += bytes;
@@ -802,6 +804,21 @@ ScopedDevice::ScopedDevice(int device) {
   }
 }
 
+ScopedDevice::ScopedDevice(int device, const std::nothrow_t&) noexcept {
+  int cur = -1;
+  if (cudaGetDevice(&cur) != cudaSuccess) {
+    cudaGetLastError();
+    return;
+  }
+  if (cur != device) {
+    if (cudaSetDevice(device) != cudaSuccess) {
+      cudaGetLastError();
+      return;
+    }
+    previous_ = cur;
+  }
+}
+
 ScopedDevice::~ScopedDevice() {
   if (previous_ >= 0 && cudaSetDevice(previous_) != cudaSuccess) cudaGetLastError();
 }
@@ -820,10 +837,15 @@ void* device_alloc(int device, size_t bytes) {
   return p;
 }
 
-void device_free(int device, void* p) {
+void device_free(int device, void* p) noexcept {
   if (!p) return;
-  ScopedDevice guard(device);
+  ScopedDevice guard(device, std::nothrow);
   if (cudaFree(p) != cudaSuccess) cudaGetLastError();
+}
+
+void device_sync(int device) {
+  ScopedDevice guard(device);
+  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
 }
 
 void copy_to_host(int device, void* dst, const void* src, size_t bytes) {

@@ -22,6 +22,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -59,7 +60,7 @@ class CudaBasis {
   // pinned host memory mapped into the device's address space (the kernels
   // read it over the bus: slower, but only a few vectors live on the device).
   CudaBasis(int64_t n, int nslots, int nritz, int device, CUstream_st* stream, bool host_basis);
-  ~CudaBasis();
+  ~CudaBasis();  // never throws: frees what it can
   CudaBasis(const CudaBasis&) = delete;
   CudaBasis& operator=(const CudaBasis&) = delete;
 
@@ -210,9 +211,14 @@ void stream_sync(int device, CUstream_st* stream);
 int pointer_device(const void* p);
 
 // Sets the current device for the lifetime of the object, then restores it.
+// The plain constructor throws CudaError when the device cannot be made
+// current; the std::nothrow one is for cleanup paths (destructors, DLPack
+// deleters, which C calls), where an exception is std::terminate: it leaves the
+// current device as it is and the release goes ahead (and fails quietly).
 class ScopedDevice {
  public:
   explicit ScopedDevice(int device);
+  ScopedDevice(int device, const std::nothrow_t&) noexcept;
   ~ScopedDevice();
   ScopedDevice(const ScopedDevice&) = delete;
   ScopedDevice& operator=(const ScopedDevice&) = delete;
@@ -222,8 +228,11 @@ class ScopedDevice {
 };
 
 // Device memory for arrays handed to Python (freed by their DLPack deleter).
+// device_free never throws (it runs in destructors and C callbacks).
 void* device_alloc(int device, size_t bytes);
-void device_free(int device, void* p);
+void device_free(int device, void* p) noexcept;
+// Waits on the host for all work on the device, on every stream.
+void device_sync(int device);
 // Synchronous copies between host and device (for small diagnostics).
 void copy_to_host(int device, void* dst, const void* src, size_t bytes);
 void copy_to_device(int device, void* dst, const void* src, size_t bytes);
