@@ -345,7 +345,7 @@ class HostBasisRun:
 
         def mv(x):
             y = op.matvec(fw.to_device(x, device))
-            return y if isinstance(y, np.ndarray) else to_numpy(y)
+            return y if isinstance(y, np.ndarray) else _host_copy(y)
 
         return mv
 
@@ -358,8 +358,8 @@ class HostBasisRun:
         seconds = per_product / NOMINAL_BUS_BYTES_PER_S
         warnings.warn(
             f"{self.why[0]}, so it cannot keep the basis on {self.device}; the Lanczos basis is kept in host "
-            f"memory instead: each product copies one float64 vector to {self.device} and one back ({per_product} bytes per product at n={n}, about "
-            f"{_duration(seconds)} at a nominal {NOMINAL_BUS_BYTES_PER_S / 1e9:.0f} GB/s host-device bandwidth), "
+            f"memory instead: each product copies one float64 vector to {self.device} and one back ({per_product} "
+            f"bytes per product at n={n}, about {_duration(seconds)} at a nominal {NOMINAL_BUS_BYTES_PER_S / 1e9:.0f} GB/s host-device bandwidth), "
             "and the orthogonalisation runs on the CPU; the results are the CPU backend's. For the basis in device "
             f"memory: {_how_to_get_device_basis(self.why)}",
             HostBasisWarning, stacklevel=4)
@@ -373,6 +373,17 @@ class HostBasisRun:
         if self.framework.name is None:
             return arr
         return self.framework.to_device(np.ascontiguousarray(arr), self.device)
+
+
+def _host_copy(y) -> np.ndarray:
+    """A product computed on the device, on the host in its own precision (so the solver learns its roundoff);
+    bfloat16, which NumPy lacks, as float32."""
+    fw = array_framework(y)
+    if fw == "torch":
+        t = y.detach().to("cpu")
+        return (t.float() if t.dtype == sys.modules["torch"].bfloat16 else t).numpy()
+    y = y.get() if fw == "cupy" else np.asarray(y.numpy() if hasattr(y, "numpy") and fw is None else y)
+    return y.astype(np.float32) if y.dtype.kind not in "fiu" else y
 
 
 def _duration(seconds: float) -> str:

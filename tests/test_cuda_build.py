@@ -216,6 +216,30 @@ def test_gpu_operator_without_a_usable_cuda_module_runs_with_a_host_basis(cause,
     assert again.eigenvalues[0] == pytest.approx(2.0, rel=1e-10)
 
 
+def test_host_basis_copies_products_back_in_their_own_precision(without_cuda_module, torch_on_cpu_as_cuda):
+    """A float32 product comes back as 4 bytes an entry (and the solver learns float32 from it), as on the CPU."""
+    torch, _ = torch_on_cpu_as_cuda
+    a, At = _torch_matrix_problem(torch)
+    A32 = At.float()
+    seen = []
+    host_copy = _gpu._host_copy
+
+    def spy(y):
+        seen.append(host_copy(y).dtype)
+        return host_copy(y)
+
+    op = pycurv.FunctionOperator(lambda x: A32 @ x.float(), a.shape[0], device="cuda:0", framework="torch")
+    kw = dict(tol=1e-5, seed=2)
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_gpu, "_host_copy", spy)
+        warnings.simplefilter("ignore", pycurv.HostBasisWarning)
+        gpu = pycurv.lanczos(op, 1, **kw)
+    cpu = pycurv.lanczos(lambda x: (A32 @ torch.from_numpy(np.array(x)).float()).numpy(), 1, n=a.shape[0], **kw)
+    assert set(seen) == {np.dtype(np.float32)} and len(seen) == gpu.n_matvecs
+    assert np.array_equal(gpu.eigenvalues, cpu.eigenvalues) and gpu.n_matvecs == cpu.n_matvecs
+    assert _gpu._host_copy(torch.ones(3, dtype=torch.bfloat16)).dtype == np.float32  # NumPy has no bfloat16
+
+
 def test_torch_adapter_reporting_a_gpu_runs_with_a_host_basis(cuda_module_without_devices, torch_on_cpu_as_cuda):
     """The torch adapter on a GPU model: its own host copies per product, the CPU's eigenvalues."""
     torch, copies = torch_on_cpu_as_cuda
