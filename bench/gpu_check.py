@@ -323,6 +323,17 @@ def summary(machine, roof, models, solvers) -> str:
     return "\n".join(out) + "\n"
 
 
+def _guarded(f, row: dict):
+    """f(), or the row saying how it failed: one failing part must not cost the others on a one-off GPU run."""
+    try:
+        return f()
+    except Exception as exc:  # noqa: BLE001 - reported in the summary, with the traceback on stderr
+        import traceback
+
+        traceback.print_exc()
+        return dict(row, skipped=f"failed: {type(exc).__name__}: {exc}"[:200])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--emulated", action="store_true", help="small sizes, for the CPU emulation of the CUDA module")
@@ -347,16 +358,19 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     roof = []
     for n, ncv in size["roofline"]:
-        roof.append(core_vs_roofline(n, ncv, torch))
+        roof.append(_guarded(lambda: core_vs_roofline(n, ncv, torch), {"n": n, "ncv": ncv}))
         print(f"[gpu_check] roofline n={n} ncv={ncv}: {roof[-1]}", file=sys.stderr, flush=True)
     if isinstance(torch, str):
         models = [{"device": "GPU", "skipped": torch}, {"device": "CPU", "skipped": torch}]
         solvers = {"device": "-", "n": 0, "lambda1_reference": float("nan"), "rows": [{"solver": "all",
                                                                                         "skipped": torch}]}
     else:
-        models = model_gpu_vs_cpu(torch, pt, size)
+        models = _guarded(lambda: model_gpu_vs_cpu(torch, pt, size), {"device": "GPU and CPU"})
+        models = models if isinstance(models, list) else [models]
         print(f"[gpu_check] model: {models}", file=sys.stderr, flush=True)
-        solvers = solvers_on_one_hvp(torch, pt, size)
+        solvers = _guarded(lambda: solvers_on_one_hvp(torch, pt, size), {"solver": "all"})
+        if "rows" not in solvers:
+            solvers = {"device": "-", "n": 0, "lambda1_reference": float("nan"), "rows": [solvers]}
         print(f"[gpu_check] solvers: {solvers}", file=sys.stderr, flush=True)
     machine["benchmark time"] = f"{time.perf_counter() - t0:.0f} s"
     text = summary(machine, roof, models, solvers)
