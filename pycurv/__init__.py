@@ -17,6 +17,7 @@ from ._native import build_info, set_num_threads
 from .errors import (
     ConvergenceWarning,
     CudaUnavailableError,
+    HostBasisWarning,
     MissingDependencyError,
     NoConvergence,
     NonDeterministicOperatorError,
@@ -94,6 +95,7 @@ __all__ = [
     "MissingDependencyError",
     "CudaUnavailableError",
     "ConvergenceWarning",
+    "HostBasisWarning",
     # build
     "build_info",
     "set_num_threads",

@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["normalize_device", "is_gpu", "device_index", "array_device"]
+__all__ = ["normalize_device", "is_gpu", "device_index", "array_device", "jax_device_name", "jax_local_device"]
 
 
 def normalize_device(device) -> str:
@@ -49,7 +49,7 @@ def array_device(x) -> Optional[str]:
     jax = sys.modules.get("jax")
     if jax is not None and isinstance(x, getattr(jax, "Array", ())):
         dev = _jax_device(x)
-        return f"cuda:{dev.id}" if dev is not None and dev.platform == "gpu" else None
+        return jax_device_name(dev) if dev is not None and dev.platform == "gpu" else None
     if isinstance(x, (np.ndarray, np.generic, list, tuple, int, float)):
         return None
     dlpack_device = getattr(x, "__dlpack_device__", None)
@@ -63,6 +63,34 @@ def array_device(x) -> Optional[str]:
     if hasattr(x, "__cuda_array_interface__"):
         return "cuda:0"  # the interface does not name the device; the CUDA module checks the pointer
     return None
+
+
+def jax_device_name(dev) -> str:
+    """pycurv's name of a JAX device: ``"cuda:N"`` with N the CUDA index in this process.
+
+    ``Device.id`` is numbered across all processes of a multi-process JAX run
+    (process k's first GPU may be id 8 k), so it is not a CUDA device index;
+    ``local_hardware_id`` is, where the platform has one.
+    """
+    if dev.platform != "gpu":
+        return f"{dev.platform}:{dev.id}"
+    local = getattr(dev, "local_hardware_id", None)
+    return f"cuda:{dev.id if local is None else int(local)}"
+
+
+def jax_local_device(devices):
+    """The first of ``devices`` (e.g. ``mesh.devices.flat``) that this process can address."""
+    devices = list(devices)
+    for dev in devices:
+        if getattr(dev, "process_index", 0) == _jax_process_index():
+            return dev
+    raise ValueError(f"none of the {len(devices)} devices of the mesh belongs to this process "
+                     f"(process {_jax_process_index()}); build the mesh from devices this process can address")
+
+
+def _jax_process_index() -> int:
+    jax = sys.modules.get("jax")
+    return int(jax.process_index()) if jax is not None else 0
 
 
 def _jax_device(x):

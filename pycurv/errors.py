@@ -13,6 +13,7 @@ __all__ = [
     "MissingDependencyError",
     "CudaUnavailableError",
     "ConvergenceWarning",
+    "HostBasisWarning",
 ]
 
 
@@ -51,11 +52,23 @@ class MissingDependencyError(PycurvError, ImportError):
 class CudaUnavailableError(PycurvError, RuntimeError):
     """A GPU operator or array was given, but pycurv cannot run on that device.
 
-    Either this build has no CUDA module (install with
-    ``pip install . -Ccmake.define.PYCURV_CUDA=ON`` on a machine with the CUDA
-    toolkit) or the CUDA runtime sees no such device (driver, ``CUDA_VISIBLE_DEVICES``).
+    Raised for a device index the CUDA module does not see, and for an
+    operator whose matvec takes pycurv's DeviceArray (``framework=None``) where
+    the CUDA module is missing or sees no device. Other GPU operators are then
+    solved with the basis in host memory (:class:`HostBasisWarning`).
     """
 
 
 class ConvergenceWarning(UserWarning):
     """Issued when :func:`pycurv.lanczos` returns without meeting ``tol``."""
+
+
+class HostBasisWarning(UserWarning):
+    """Issued once per process when an operator on a GPU is solved with the Lanczos basis in host memory.
+
+    pycurv's CUDA module is missing (a CPU-only build) or sees no device (no
+    driver, or one older than the build's CUDA runtime needs): each product
+    then copies one float64 vector to the device and one back, and the
+    orthogonalisation runs on the CPU. The message names the bytes per product
+    and how to get the basis into device memory.
+    """

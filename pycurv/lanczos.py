@@ -59,7 +59,12 @@ def lanczos(
         adapters on a GPU model, a torch/CuPy/JAX matrix on a GPU,
         ``pycurv.FunctionOperator(f, n, device="cuda:0", framework=...)``)
         is solved there: the basis stays in device memory and ``matvec``
-        receives a zero-copy float64 device array of its framework.
+        receives a zero-copy float64 device array of its framework. Where
+        pycurv's CUDA module is missing (a CPU-only build) or sees no device
+        (e.g. a driver older than its CUDA runtime needs), the basis is kept
+        in host memory instead and each product copies one float64 vector to
+        the device and one back, with the CPU backend's results
+        (:class:`pycurv.HostBasisWarning`, once per process).
     k : int
         Number of eigenvalues wanted, 1 <= k <= n.
     which : {"LA", "SA", "BE"}
@@ -164,6 +169,10 @@ def _solve(op, k, *, which, tol, ncv, max_matvecs, v0, seed, return_eigenvectors
     max_matvecs = _checks.check_max_matvecs(max_matvecs, ncv, k)
     host_basis = _checks.check_flag("host_basis", host_basis)
     on_gpu = _gpu.is_gpu(op.device)
+    run = _gpu.device_run(op, host_basis=host_basis) if on_gpu else None
+    if isinstance(run, _gpu.HostBasisRun):  # no usable CUDA module: the CPU core, a host copy each way per product
+        on_gpu = False
+        v0 = run.host_v0(v0, n_local)
     if on_gpu and sharded:
         raise ValueError("shard_basis=True is not available for operators on a GPU yet; use the replicated basis "
                          "(data parallelism alone) there, or run the sharded basis on the CPU")
@@ -197,7 +206,6 @@ def _solve(op, k, *, which, tol, ncv, max_matvecs, v0, seed, return_eigenvectors
     )
     learn = op.dtype is None
     if on_gpu:
-        run = _gpu.DeviceRun(op, host_basis=host_basis)
         state = run.state(**options)
         if v0 is not None:
             state.set_start_vector(v0)
@@ -213,9 +221,10 @@ def _solve(op, k, *, which, tol, ncv, max_matvecs, v0, seed, return_eigenvectors
         if v0 is not None:
             state.start_vector()[:] = v0
         with _core_threads(op):
-            timing = drive(state, op.matvec, n_local, reduce=comm.allreduce_sum if sharded else None,
-                           learn_dtype=learn, callback=callback, comm=comm)
-        as_array = np.asarray
+            timing = drive(state, op.matvec if run is None else run.matvec, n_local,
+                           reduce=comm.allreduce_sum if sharded else None, learn_dtype=learn, callback=callback,
+                           comm=comm)
+        as_array = np.asarray if run is None else run.eigenvectors
     return collect(state, timing, which=which, tol=tol, ncv=ncv, seed=seed, max_matvecs=max_matvecs,
                    want_vectors=return_eigenvectors, as_array=as_array, exact=bool(op.exact), criterion=criterion)
 

@@ -215,7 +215,6 @@ class DeviceMatrixOperator(Operator):
         self.device = _gpu.array_device(A)
         if self.device is None:
             raise TypeError(f"{name} is not an array on a CUDA device")
-        _gpu.cuda_module(self.device)  # says at once when this build or machine cannot use the GPU
         fw = _gpu.array_framework(A)
         if fw is None:
             raise TypeError(

@@ -328,7 +328,10 @@ Imported import_vector(py::handle obj, int64_t n, int device, uintptr_t stream, 
       } catch (py::error_already_set& e) {
         if (!e.matches(PyExc_TypeError)) throw;
         cap = obj.attr("__dlpack__")();  // an exporter without the stream argument
-        pycurv::stream_sync(device, as_stream(1));  // it promises nothing: wait for the legacy stream
+        // It promises nothing about the stream its data was written on. The legacy
+        // default stream does not order non-blocking streams (torch side streams,
+        // XLA's), so only a wait for the whole device is safe.
+        pycurv::device_sync(device);
       }
       if (!PyCapsule_IsValid(cap.ptr(), "dltensor"))
         throw py::type_error(what + ": __dlpack__ did not return an unversioned DLPack capsule");
@@ -429,9 +432,14 @@ class CudaState {
     const size_t bytes = sizeof(double) * static_cast<size_t>(n_);
     auto buf = std::make_shared<DeviceBuffer>(device_, bytes * std::max<size_t>(rows.size(), 1));
     for (size_t i = 0; i < rows.size(); ++i) basis_.copy(static_cast<char*>(buf->ptr) + i * bytes, rows[i], bytes);
-    return DeviceArray(buf->ptr, {static_cast<int64_t>(rows.size()), n_}, device_, stream_, py::none(), buf);
+    // The vectors keep the stream they are ordered on alive (their exports name it).
+    return DeviceArray(buf->ptr, {static_cast<int64_t>(rows.size()), n_}, device_, stream_, stream_owner_, buf);
   }
 
+  // The framework's object for the stream (a cupy.cuda.Stream, a torch.cuda.Stream),
+  // held so the stream outlives the basis, which frees on it, and the vectors handed
+  // out, which name it: declared first, released last.
+  py::object stream_owner_;
   CudaBasis basis_;
   Lanczos<CudaBasis> lz_;
   int64_t n_;
@@ -529,20 +537,27 @@ PYBIND11_MODULE(_cuda, m) {
       .def(py::init([](int64_t n_local, int64_t n_global, int64_t offset, int k, int ncv, int which, double tol,
                        int64_t max_matvecs, uint64_t seed, bool start_given, bool check_multiplicity,
                        bool explicit_residuals, bool want_vectors, bool yield_reduce, double unit_roundoff,
-                       int device, uintptr_t stream, bool host_basis, bool tol_on_eigenvalue) {
+                       int device, uintptr_t stream, bool host_basis, py::object stream_owner,
+                       bool tol_on_eigenvalue) {
              const Options o = pycurv_binding::make_options(
                  n_local, n_global, offset, k, ncv, which, tol, max_matvecs, seed, start_given, check_multiplicity,
                  explicit_residuals, want_vectors, yield_reduce, unit_roundoff, tol_on_eigenvalue);
              if (n_local < 1) throw std::invalid_argument("n_local must be >= 1 on a GPU");
              if (device < 0) throw std::invalid_argument("device must be a CUDA device index >= 0");
-             py::gil_scoped_release release;
-             return new CudaState(o, pycurv_binding::ritz_buffers(o), device, stream, host_basis);
+             CudaState* st = nullptr;
+             {
+               py::gil_scoped_release release;
+               st = new CudaState(o, pycurv_binding::ritz_buffers(o), device, stream, host_basis);
+             }
+             st->stream_owner_ = std::move(stream_owner);
+             return st;
            }),
            py::kw_only(), py::arg("n_local"), py::arg("n_global"), py::arg("offset"), py::arg("k"), py::arg("ncv"),
            py::arg("which"), py::arg("tol"), py::arg("max_matvecs"), py::arg("seed"), py::arg("start_given"),
            py::arg("check_multiplicity"), py::arg("explicit_residuals"), py::arg("want_vectors"),
            py::arg("yield_reduce"), py::arg("unit_roundoff"), py::arg("device"), py::arg("stream") = 0,
-           py::arg("host_basis") = false, py::arg("tol_on_eigenvalue") = false)
+           py::arg("host_basis") = false, py::arg("stream_owner") = py::none(),
+           py::arg("tol_on_eigenvalue") = false)
       .def(
           "advance",
           [](CudaState& s) {
@@ -621,6 +636,11 @@ PYBIND11_MODULE(_cuda, m) {
 #endif
     return d;
   });
+#ifdef PYCURV_CUDA_EMULATION
+  m.def("host_syncs", &pycurv::emulated_host_syncs,
+        "Emulated builds only: times the host has waited on the device so far (stream, event and device "
+        "synchronisations, synchronous copies).");
+#endif
   m.def(
       "read_bandwidth",
       [](int64_t n, int repeats, int device) {

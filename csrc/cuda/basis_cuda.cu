@@ -136,6 +136,12 @@ struct OrthoArgs {
   int rows, shift;  // tile rows = 1 << shift
   int64_t ntiles;
   bool update, dots;
+  // Pass 3 of a fused step (nullptr: always run): run only if |h| > gate_ratio
+  // sqrt(max(0, *gate_w1)), h the second pass's dots and *gate_w1 its norm^2,
+  // all on the device. Every block takes the same decision; a block that
+  // skips reads nothing and writes 0 for the norm and for "ran".
+  const double* gate_w1;
+  double gate_ratio;
 };
 
 __global__ void __launch_bounds__(kThreads) ortho_kernel(OrthoArgs a) {
@@ -147,6 +153,14 @@ __global__ void __launch_bounds__(kThreads) ortho_kernel(OrthoArgs a) {
   double* hsh = wsh + TR;                            // nv
   double* acc = hsh + a.nv;                          // nv
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (a.gate_w1) {
+    double hh = 0.0;
+    for (int i = 0; i < a.nv; ++i) hh += a.h[i] * a.h[i];
+    if (!(sqrt(hh) > a.gate_ratio * sqrt(max(0.0, *a.gate_w1)))) {
+      if (tid == 0) a.partial[2 * static_cast<size_t>(blockIdx.x)] = a.partial[2 * static_cast<size_t>(blockIdx.x) + 1] = 0.0;
+      return;  // every thread of the block returns here: no barrier is left waiting
+    }
+  }
 
   for (int i = tid; i < a.nv; i += kThreads) {
     hsh[i] = a.update ? a.h[i] : 0.0;
@@ -188,11 +202,15 @@ __global__ void __launch_bounds__(kThreads) ortho_kernel(OrthoArgs a) {
     __syncthreads();  // the next tile overwrites S and wsh
   }
   const double total = block_sum(norm, warp_sums);
-  const int width = (a.dots ? a.nv : 0) + 1;
+  const int nsums = a.dots ? a.nv : 0;
+  const int width = nsums + 1 + (a.gate_w1 ? 1 : 0);
   double* out = a.partial + static_cast<size_t>(blockIdx.x) * width;
   if (a.dots)
     for (int i = tid; i < a.nv; i += kThreads) out[i] = acc[i];
-  if (tid == 0) out[width - 1] = total;
+  if (tid == 0) {
+    out[nsums] = total;
+    if (a.gate_w1) out[nsums + 1] = 1.0;  // ran
+  }
 }
 
 // out[c] = sum over blocks b (in order) of partial[b * width + c]; one block per column.
@@ -383,11 +401,11 @@ CudaBasis::CudaBasis(int64_t n, int nslots, int nritz, int device, CUstream_st* 
     }
     partial_cap_ = static_cast<size_t>(kMaxBlocksPerSm) * sms_ * (nslots + 2);
     partial_ = alloc_device(sizeof(double) * partial_cap_, "partial sums");
-    sums_dev_ = alloc_device(sizeof(double) * (nslots + 2), "sums");
+    sums_dev_ = alloc_device(sizeof(double) * (2 * static_cast<size_t>(nslots) + 4), "sums");
     coef_cap_ = static_cast<size_t>(nslots) * nslots + 2;
     coef_dev_ = alloc_device(sizeof(double) * coef_cap_, "coefficients");
     void* p = nullptr;
-    check(cudaMallocHost(&p, sizeof(double) * (nslots + 2)), "cudaMallocHost");
+    check(cudaMallocHost(&p, sizeof(double) * (2 * static_cast<size_t>(nslots) + 4)), "cudaMallocHost");
     sums_host_ = static_cast<double*>(p);
     check(cudaMallocHost(&p, sizeof(double) * coef_cap_), "cudaMallocHost");
     coef_host_ = static_cast<double*>(p);
@@ -401,7 +419,7 @@ CudaBasis::CudaBasis(int64_t n, int nslots, int nritz, int device, CUstream_st* 
 }
 
 CudaBasis::~CudaBasis() {
-  ScopedDevice guard(device_);
+  ScopedDevice guard(device_, std::nothrow);
   release();
 }
 
@@ -451,7 +469,9 @@ double* CudaBasis::alloc_device(size_t bytes, const char* what) {
       << " float64 (8 n (ncv + 1) bytes in all, plus the Ritz vectors), with " << gib(double(free_b)) << " free of "
       << gib(double(total_b)) << " (" << cudaGetErrorString(err)
       << "); pass a smaller ncv, or host_basis=True to keep the basis in pinned host memory (slower: the kernels "
-         "then read it over the bus)";
+         "then read it over the bus). The basis comes from CUDA's own memory pool, outside PyTorch's caching "
+         "allocator and JAX's preallocation: torch.cuda.empty_cache() returns what torch has cached unused, and "
+         "XLA_PYTHON_CLIENT_PREALLOCATE=false (set before JAX starts) stops JAX from taking 75% of the memory";
     throw DeviceMemoryError(s.str(), bytes);
   }
   device_bytes_ += bytes;
@@ -539,13 +559,21 @@ const double* CudaBasis::upload(const double* host, size_t count) {
   return coef_dev_;
 }
 
-void CudaBasis::download_sums(int width, int blocks, double* out) {
-  PYCURV_LAUNCH(sum_columns_kernel, width, 0, stream_, partial_, blocks, width, sums_dev_);
+void CudaBasis::reduce_partials(int width, int blocks, double* dst) {
+  PYCURV_LAUNCH(sum_columns_kernel, width, 0, stream_, partial_, blocks, width, dst);
   check(cudaGetLastError(), "sum_columns_kernel launch");
-  check(cudaMemcpyAsync(sums_host_, sums_dev_, sizeof(double) * width, cudaMemcpyDeviceToHost, stream_),
+}
+
+void CudaBasis::fetch_sums(int count, double* out) {
+  check(cudaMemcpyAsync(sums_host_, sums_dev_, sizeof(double) * count, cudaMemcpyDeviceToHost, stream_),
         "cudaMemcpyAsync (sums)");
   check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (after a reduction)");
-  std::memcpy(out, sums_host_, sizeof(double) * width);
+  std::memcpy(out, sums_host_, sizeof(double) * count);
+}
+
+void CudaBasis::download_sums(int width, int blocks, double* out) {
+  reduce_partials(width, blocks, sums_dev_);
+  fetch_sums(width, out);
 }
 
 void CudaBasis::set_source_format(DType dtype, int64_t stride) {
@@ -564,7 +592,7 @@ void CudaBasis::dots(const double* src, int w, int nv, double* out) {
   count(nv + 1 + (src ? 1.0 + elem_vectors(src_dtype_) : 0.0));  // V and w read; src read and w written
   const Tile& t = ortho_tile(nv);
   OrthoArgs a{slot(0), n_, ld_, nv, slot(w), src, src_dtype_, src_stride_, src_scale_, nullptr, partial_,
-              t.rows, t.shift, (n_ + t.rows - 1) / t.rows, false, true};
+              t.rows, t.shift, (n_ + t.rows - 1) / t.rows, false, true, nullptr, 0.0};
   launch_ortho(a, t.grid, t.smem, stream_);
   download_sums(nv + 1, t.grid, out);
 }
@@ -574,7 +602,7 @@ void CudaBasis::update_dots(int w, int nv, const double* h, double* out) {
   const double* hd = upload(h, nv);
   const Tile& t = ortho_tile(nv);
   OrthoArgs a{slot(0), n_, ld_, nv, slot(w), nullptr, DType::F64, 1, 1.0, hd, partial_,
-              t.rows, t.shift, (n_ + t.rows - 1) / t.rows, true, true};
+              t.rows, t.shift, (n_ + t.rows - 1) / t.rows, true, true, nullptr, 0.0};
   launch_ortho(a, t.grid, t.smem, stream_);
   download_sums(nv + 1, t.grid, out);
 }
@@ -584,9 +612,38 @@ void CudaBasis::update_norm(int w, int nv, const double* h, double* out) {
   const double* hd = upload(h, nv);
   const Tile& t = ortho_tile(nv);
   OrthoArgs a{slot(0), n_, ld_, nv, slot(w), nullptr, DType::F64, 1, 1.0, hd, partial_,
-              t.rows, t.shift, (n_ + t.rows - 1) / t.rows, true, false};
+              t.rows, t.shift, (n_ + t.rows - 1) / t.rows, true, false, nullptr, 0.0};
   launch_ortho(a, t.grid, t.smem, stream_);
   download_sums(1, t.grid, out);
+}
+
+void CudaBasis::ortho_fused(const double* src, int w, int nv, double pass3_ratio, double* out) {
+  if (nv < 1) throw std::logic_error("CudaBasis::ortho_fused: needs at least one basis vector");
+  const Tile& t = ortho_tile(nv);
+  const int64_t ntiles = (n_ + t.rows - 1) / t.rows;
+  const int width = nv + 1;
+  double* p1 = sums_dev_;          // <V_i, w>, <w, w>
+  double* p2 = sums_dev_ + width;  // the same after w -= V p1
+  double* p3 = p2 + width;         // <w, w> after w -= V p2 (if it ran), ran
+  count(nv + 1 + (src ? 1.0 + elem_vectors(src_dtype_) : 0.0));
+  OrthoArgs a1{slot(0), n_, ld_, nv, slot(w), src, src_dtype_, src_stride_, src_scale_, nullptr, partial_,
+               t.rows, t.shift, ntiles, false, true, nullptr, 0.0};
+  launch_ortho(a1, t.grid, t.smem, stream_);
+  reduce_partials(width, t.grid, p1);
+  count(nv + 2);
+  OrthoArgs a2{slot(0), n_, ld_, nv, slot(w), nullptr, DType::F64, 1, 1.0, p1, partial_,
+               t.rows, t.shift, ntiles, true, true, nullptr, 0.0};
+  launch_ortho(a2, t.grid, t.smem, stream_);
+  reduce_partials(width, t.grid, p2);
+  OrthoArgs a3{slot(0), n_, ld_, nv, slot(w), nullptr, DType::F64, 1, 1.0, p2, partial_,
+               t.rows, t.shift, ntiles, true, false, p2 + nv, pass3_ratio};
+  launch_ortho(a3, t.grid, t.smem, stream_);
+  reduce_partials(2, t.grid, p3);
+  fetch_sums(2 * width + 2, out);  // the step's one wait
+  if (out[2 * width + 1] > 0.0) {
+    out[2 * width + 1] = 1.0;
+    count(nv + 2);
+  }
 }
 
 void CudaBasis::scale(int w, double a) {
@@ -747,6 +804,21 @@ ScopedDevice::ScopedDevice(int device) {
   }
 }
 
+ScopedDevice::ScopedDevice(int device, const std::nothrow_t&) noexcept {
+  int cur = -1;
+  if (cudaGetDevice(&cur) != cudaSuccess) {
+    cudaGetLastError();
+    return;
+  }
+  if (cur != device) {
+    if (cudaSetDevice(device) != cudaSuccess) {
+      cudaGetLastError();
+      return;
+    }
+    previous_ = cur;
+  }
+}
+
 ScopedDevice::~ScopedDevice() {
   if (previous_ >= 0 && cudaSetDevice(previous_) != cudaSuccess) cudaGetLastError();
 }
@@ -765,10 +837,15 @@ void* device_alloc(int device, size_t bytes) {
   return p;
 }
 
-void device_free(int device, void* p) {
+void device_free(int device, void* p) noexcept {
   if (!p) return;
-  ScopedDevice guard(device);
+  ScopedDevice guard(device, std::nothrow);
   if (cudaFree(p) != cudaSuccess) cudaGetLastError();
+}
+
+void device_sync(int device) {
+  ScopedDevice guard(device);
+  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
 }
 
 void copy_to_host(int device, void* dst, const void* src, size_t bytes) {
@@ -858,5 +935,9 @@ double measure_read_bandwidth(int64_t n, int repeats, int device) {
   check(err, "measure_read_bandwidth");
   return best;
 }
+
+#if defined(PYCURV_CUDA_EMULATION)
+uint64_t emulated_host_syncs() { return emu::world().host_syncs; }
+#endif
 
 }  // namespace pycurv

@@ -11,8 +11,9 @@
 //  * out, h, C, s are host arrays. Coefficients go up with an asynchronous copy
 //    from a pinned staging buffer; every reduction comes down with one small
 //    asynchronous copy followed by one synchronisation of the stream, so each
-//    call that returns sums (dots, update_dots, update_norm, residual) waits
-//    for the stream once, and the others do not wait at all;
+//    call that returns sums (dots, update_dots, update_norm, ortho_fused,
+//    residual) waits for the stream once, and the others do not wait at all;
+//    a Lanczos step in one process is one ortho_fused: one wait per step;
 //  * reductions are deterministic: a fixed grid for a given (n, number of
 //    vectors, device), per-block partial sums in a fixed order, then one block
 //    per column adding the partials in block order. Same inputs, same GPU:
@@ -21,6 +22,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -58,7 +60,7 @@ class CudaBasis {
   // pinned host memory mapped into the device's address space (the kernels
   // read it over the bus: slower, but only a few vectors live on the device).
   CudaBasis(int64_t n, int nslots, int nritz, int device, CUstream_st* stream, bool host_basis);
-  ~CudaBasis();
+  ~CudaBasis();  // never throws: frees what it can
   CudaBasis(const CudaBasis&) = delete;
   CudaBasis& operator=(const CudaBasis&) = delete;
 
@@ -97,6 +99,14 @@ class CudaBasis {
   void update_dots(int w, int nv, const double* h, double* out);
   // Pass 3. w -= V[0:nv] h; out[0] = <w, w>.
   void update_norm(int w, int nv, const double* h, double* out);
+  // Passes 1, 2 and 3 of a step queued back to back, the coefficients of each
+  // pass read on the device from the previous pass's sums, with one wait for
+  // the host at the end: out[0, nv] = pass 1's sums (as dots), out[nv + 1,
+  // 2 nv + 1] = pass 2's (as update_dots with h = pass 1's dots), out[2 nv + 2]
+  // = <w, w> after pass 3 and out[2 nv + 3] = 1 if pass 3 ran, 0 if not. Pass 3
+  // (as update_norm with pass 2's dots) runs only when their norm exceeds
+  // pass3_ratio * sqrt(pass 2's <w, w>), decided on the device. nv >= 1.
+  void ortho_fused(const double* src, int w, int nv, double pass3_ratio, double* out);
   void scale(int w, double a);
   // Slot w <- normal random vector: entry i is normal_at(key, offset + i), the
   // CPU backend's vector (up to the last bit of the device's log and cos).
@@ -137,6 +147,8 @@ class CudaBasis {
   const Tile& combine_tile(int nold);
   void release();
   const double* upload(const double* host, size_t count);
+  void reduce_partials(int width, int blocks, double* dst);
+  void fetch_sums(int count, double* out);
   void download_sums(int width, int blocks, double* out);
   double* alloc_device(size_t bytes, const char* what);
   void free_device(double* p);
@@ -199,9 +211,14 @@ void stream_sync(int device, CUstream_st* stream);
 int pointer_device(const void* p);
 
 // Sets the current device for the lifetime of the object, then restores it.
+// The plain constructor throws CudaError when the device cannot be made
+// current; the std::nothrow one is for cleanup paths (destructors, DLPack
+// deleters, which C calls), where an exception is std::terminate: it leaves the
+// current device as it is and the release goes ahead (and fails quietly).
 class ScopedDevice {
  public:
   explicit ScopedDevice(int device);
+  ScopedDevice(int device, const std::nothrow_t&) noexcept;
   ~ScopedDevice();
   ScopedDevice(const ScopedDevice&) = delete;
   ScopedDevice& operator=(const ScopedDevice&) = delete;
@@ -211,8 +228,11 @@ class ScopedDevice {
 };
 
 // Device memory for arrays handed to Python (freed by their DLPack deleter).
+// device_free never throws (it runs in destructors and C callbacks).
 void* device_alloc(int device, size_t bytes);
-void device_free(int device, void* p);
+void device_free(int device, void* p) noexcept;
+// Waits on the host for all work on the device, on every stream.
+void device_sync(int device);
 // Synchronous copies between host and device (for small diagnostics).
 void copy_to_host(int device, void* dst, const void* src, size_t bytes);
 void copy_to_device(int device, void* dst, const void* src, size_t bytes);
@@ -237,6 +257,12 @@ class IntervalTimer {
   bool open_ = false, pending_ = false;
   double total_ = 0.0;
 };
+
+#if defined(PYCURV_CUDA_EMULATION)
+// Times the host has waited on the emulated device so far (stream, event and
+// device synchronisations, synchronous copies): the tests count them per step.
+uint64_t emulated_host_syncs();
+#endif
 
 // Best-of-`repeats` read bandwidth (bytes/s) of one pass over n doubles by a
 // plain streaming read kernel: the roofline reference in bench/.

@@ -144,6 +144,9 @@ struct World {
   std::map<const void*, size_t> func_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize
   std::map<uintptr_t, Allocation> allocations;
   size_t device_bytes = 0;
+  // Host waits on the device: stream, event and device synchronisations and
+  // synchronous copies (each a stall of the host on a real GPU).
+  uint64_t host_syncs = 0;
 };
 
 inline World& world() {
@@ -531,16 +534,27 @@ inline cudaError_t cudaMemGetInfo(size_t* free_b, size_t* total_b) {
   *free_b = *total_b - std::min(*total_b, ::pycurv::emu::world().device_bytes);
   return cudaSuccess;
 }
-inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind) {
-  if (!::pycurv::emu::range_ok(dst, bytes) || !::pycurv::emu::range_ok(src, bytes))
-    return ::pycurv::emu::fail(cudaErrorInvalidValue);
+namespace pycurv {
+namespace emu {
+inline cudaError_t copy(void* dst, const void* src, size_t bytes) {
+  if (!range_ok(dst, bytes) || !range_ok(src, bytes)) return fail(cudaErrorInvalidValue);
   if (bytes) std::memmove(dst, src, bytes);
   return cudaSuccess;
 }
-inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind k, cudaStream_t) {
-  return cudaMemcpy(dst, src, bytes, k);
+inline cudaError_t host_wait() {
+  ++world().host_syncs;
+  return check_canaries();
 }
-inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return ::pycurv::emu::check_canaries(); }
+}  // namespace emu
+}  // namespace pycurv
+inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind) {
+  const cudaError_t err = ::pycurv::emu::copy(dst, src, bytes);
+  return err != cudaSuccess ? err : ::pycurv::emu::host_wait();
+}
+inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind, cudaStream_t) {
+  return ::pycurv::emu::copy(dst, src, bytes);
+}
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return ::pycurv::emu::host_wait(); }
 inline cudaError_t cudaEventCreate(cudaEvent_t* e) {
   *e = new CUevent_st();
   return cudaSuccess;
@@ -554,7 +568,8 @@ inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t) {
   e->recorded = true;
   return cudaSuccess;
 }
-inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return ::pycurv::emu::check_canaries(); }
+inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return ::pycurv::emu::host_wait(); }
+inline cudaError_t cudaDeviceSynchronize() { return ::pycurv::emu::host_wait(); }
 inline cudaError_t cudaEventQuery(cudaEvent_t) { return cudaSuccess; }
 inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {
   if (!a->recorded || !b->recorded) return ::pycurv::emu::fail(cudaErrorInvalidValue);

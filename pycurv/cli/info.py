@@ -60,11 +60,28 @@ def cuda_status() -> dict:
         return {"cuda_compiled": False, "cuda_devices": []}
     try:
         status = {"cuda_compiled": True, "cuda_devices": list(_cuda.devices()), "cuda_build": dict(_cuda.build_info())}
+        status["cuda_build"]["driver_floor"] = driver_floor(status["cuda_build"])
         if not status["cuda_devices"]:
             status["cuda_error"] = _cuda.device_error()
         return status
     except Exception as exc:  # noqa: BLE001 - a driver problem is reported, not raised
         return {"cuda_compiled": True, "cuda_devices": [], "cuda_error": str(exc)}
+
+
+# The oldest driver branch each CUDA runtime major version runs on (the runtime is
+# linked statically, so the driver is all the module needs at run time).
+_DRIVER_FLOORS = {12: "R525", 13: "R580"}
+
+
+def driver_floor(build: dict):
+    """The driver branch the module's CUDA runtime needs ("R580" for CUDA 13), or None (emulated, unknown)."""
+    if build.get("emulated"):
+        return None
+    try:
+        major = int(str(build.get("cuda_runtime", "")).split(".")[0])
+    except ValueError:
+        return None
+    return _DRIVER_FLOORS.get(major)
 
 
 def run(args) -> int:
@@ -81,8 +98,8 @@ def run(args) -> int:
     built = "not compiled"
     if info["cuda_compiled"]:
         built = ("compiled (CPU emulation)" if cb.get("emulated") else
-                 f"compiled (runtime {cb.get('cuda_runtime', '?')}, architectures {cb.get('architectures', '?')}, "
-                 f"driver {cb.get('cuda_driver', '?')})")
+                 f"compiled (runtime {cb.get('cuda_runtime', '?')}, needs driver {cb.get('driver_floor') or '?'} or "
+                 f"newer; architectures {cb.get('architectures', '?')}, driver {cb.get('cuda_driver', '?')})")
     names = ", ".join(d["name"] if isinstance(d, dict) else str(d) for d in devs)
     why = f" ({info['cuda_error']})" if info.get("cuda_error") else ""
     w(f"  CUDA: {built}; devices: {names or 'none'}{why}\n")

@@ -20,6 +20,7 @@ from jax.flatten_util import ravel_pytree
 from .. import _adapter
 from .._adapter import HVPOperator
 from .._comm import shard_bounds
+from .._devices import jax_device_name, jax_local_device
 from .preconditioners import _preconditioner_diagonal
 
 __all__ = ["HessianOperator"]
@@ -130,9 +131,9 @@ class HessianOperator(HVPOperator):
             data, flat = self._place_on_mesh(mesh, data_axis, data, flat)
         self._data = data
         self._flat = flat
-        dev = next(iter(flat.devices())) if mesh is None else mesh.devices.flat[0]
+        dev = next(iter(flat.devices())) if mesh is None else jax_local_device(mesh.devices.flat)
         self._jax_device = dev
-        self.device = f"{dev.platform}:{dev.id}"
+        self.device = jax_device_name(dev)
         if shard_basis:
             ndev = int(mesh.devices.size)
             self.shard_bounds = [shard_bounds(n, ndev, i) for i in range(ndev)]

@@ -45,6 +45,7 @@
 #include <numeric>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "pycurv/rng.hpp"
@@ -92,6 +93,16 @@ class NonFiniteError : public std::runtime_error {
  private:
   int64_t matvec_;
 };
+
+// A basis with ortho_fused(src, w, nv, pass3_ratio, out) runs the three
+// Gram-Schmidt passes of a step back to back on its device and returns all
+// their sums at once (one host wait per step instead of one per pass); see
+// CudaBasis::ortho_fused. Used in one process only: across processes every
+// pass's sums must be reduced before the next pass can use them.
+template <class B, class = void>
+struct has_fused_ortho : std::false_type {};
+template <class B>
+struct has_fused_ortho<B, std::void_t<decltype(&B::ortho_fused)>> : std::true_type {};
 
 template <class Basis>
 class Lanczos {
@@ -361,6 +372,19 @@ class Lanczos {
     onv_ = nv;
     oret_ = ret;
     pass3_ = false;
+    fused_ = false;
+    if constexpr (has_fused_ortho<Basis>::value) {
+      if (!o_.yield_reduce && nv > 0) {
+        // Layout: pass 1's nv + 1 sums, pass 2's nv + 1, then pass 3's norm and
+        // whether pass 3 ran (decided on the device by the rule of ortho_after_p2).
+        fsums_.resize(2 * static_cast<size_t>(nv) + 4);
+        B_->ortho_fused(src, w, nv, kPass3, fsums_.data());
+        fused_ = true;
+        std::copy(fsums_.begin(), fsums_.begin() + nv + 1, red_.begin());
+        gate(Pc::OrthoP1R, nv + 1);
+        return;
+      }
+    }
     B_->dots(src, w, nv, red_.data());
     gate(Pc::OrthoP1R, nv + 1);
   }
@@ -379,7 +403,11 @@ class Lanczos {
       pc_ = oret_;
       return;
     }
-    B_->update_dots(ow_, onv_, h_.data(), red_.data());
+    if (fused_) {
+      std::copy(fsums_.begin() + onv_ + 1, fsums_.begin() + 2 * onv_ + 2, red_.begin());
+    } else {
+      B_->update_dots(ow_, onv_, h_.data(), red_.data());
+    }
     gate(Pc::OrthoP2R, onv_ + 1);
   }
   void ortho_after_p2() {
@@ -391,9 +419,14 @@ class Lanczos {
     const double w1n = std::sqrt(w1);
     // The second projection h2 measures how far pass 2 left w from orthogonal.
     // Below ~64 eps of |w| it is rounding noise and a third pass changes nothing.
-    if (h2norm_ > kPass3 * w1n) {
+    // Fused, the device has taken this decision already (same rule); follow it.
+    if (fused_ ? fsums_[2 * onv_ + 3] > 0.0 : h2norm_ > kPass3 * w1n) {
       ++n_pass3_;
-      B_->update_norm(ow_, onv_, h2_.data(), red_.data());
+      if (fused_) {
+        red_[0] = fsums_[2 * onv_ + 2];
+      } else {
+        B_->update_norm(ow_, onv_, h2_.data(), red_.data());
+      }
       gate(Pc::OrthoP3R, 1);
       return;
     }
@@ -904,6 +937,8 @@ class Lanczos {
   Pc oret_ = Pc::Start;
   double ow2_ = 0.0, onorm2_ = 0.0, h2norm_ = 0.0;
   bool pass3_ = false;
+  bool fused_ = false;        // this orthogonalisation's sums came from ortho_fused, in fsums_
+  std::vector<double> fsums_;
   Pc gate_next_ = Pc::Start;
   std::vector<double> h_, h2_, red_;
   int red_n_ = 0;
