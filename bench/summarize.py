@@ -188,8 +188,8 @@ def gpu_lambda_table(benches):
     return "\n".join(out).rstrip()
 
 
-PEER_TOOLS = ("pycurv", "pyhessian", "pyhessian-train", "eigenthings", "curvlinops", "scipy")
-PEER_LABELS = {"pycurv": "pycurv", "pyhessian": "PyHessian", "pyhessian-train": "PyHessian (train mode kept)", "eigenthings": "hessian-eigenthings",
+PEER_TOOLS = ("pycurv", "pycurv-eval", "pyhessian", "pyhessian-train", "eigenthings", "curvlinops", "scipy")
+PEER_LABELS = {"pycurv": "pycurv", "pycurv-eval": "pycurv (mode=\"eval\")", "pyhessian": "PyHessian", "pyhessian-train": "PyHessian (train mode kept)", "eigenthings": "hessian-eigenthings",
                "curvlinops": "curvlinops + eigsh", "scipy": "scipy eigsh + double backward"}
 
 
@@ -263,7 +263,7 @@ def products_table(benches):
     if solves:
         out += ["", "Whole solves from scratch (medians, s):", "",
                 "| model | pycurv (build + lanczos) | cached loop, same products | ratio | per product | "
-                "per product, no probe | pycurv: build | core | Lanczos products | HVPs incl. probe |",
+                "per product, no probe | pycurv: build | core | Lanczos products | HVPs (H.n_hvps) |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
         for e in solves:
             out.append(f"| {e['model']} | {e['pycurv_s']:.3f} | {e['cached_loop_s']:.3f} | {e['ratio']:.2f} | "

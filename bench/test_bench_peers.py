@@ -14,7 +14,9 @@ top Hessian eigenvalue in the way its documentation shows:
   is a different function from the one the others measure; its error is against that
   function's reference. ``cuda`` defaults to True. ``pyhessian-train`` (convnet only):
   the same with ``model.eval`` patched to leave the model in train mode, so that it
-  measures the training loss (batch statistics) that the others measure.
+  measures the training loss (batch statistics) that the others measure; and
+  ``pycurv-eval`` (convnet only): pycurv with ``mode="eval"``, the function PyHessian
+  measures.
 - ``eigenthings``: hessian-eigenthings 1.0 (``1.0.0a5``, the only releases on PyPI;
   ``compute_hessian_eigenthings`` is gone from that API):
   ``lanczos(HessianOperator(model, [(x, y)], supervised_loss(loss_fn)), k=1, which="LA", seed=0)``.
@@ -106,7 +108,7 @@ REF_TOL = 1e-10
 REF_TOL_MIN = 1e-6  # lambda_min only decides which end of the spectrum a value is nearer
 
 ALL_MODELS = ["convnet", "gpt2", "gpt2_eager", "saddle_mlp"]
-ALL_TOOLS = ["pycurv", "pyhessian", "pyhessian-train", "eigenthings", "curvlinops", "scipy"]
+ALL_TOOLS = ["pycurv", "pycurv-eval", "pyhessian", "pyhessian-train", "eigenthings", "curvlinops", "scipy"]
 CONFIGS = ["defaults", "tol=1e-4"]
 EIG_CONFIG = "λ1 to 1e-4"  # pycurv only: criterion="eigenvalue", the eigenvalue's estimated relative error
 MODELS = [m for m in os.environ.get("PYCURV_BENCH_PEER_MODELS", ",".join(ALL_MODELS)).split(",") if m]
@@ -262,7 +264,7 @@ def function_of(model_name, tool):
     """Which function of the parameters a tool measures on this model."""
     if model_name != "convnet":
         return "loss"
-    return "eval" if tool == "pyhessian" else "batch_stats"
+    return "eval" if tool in ("pyhessian", "pycurv-eval") else "batch_stats"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -326,11 +328,11 @@ def _double_backward_hvp(torch, model, loss_fn, x, y, params):
 # --------------------------------------------------------------------------- tools
 
 
-def _run_pycurv(torch, model, loss_fn, x, y, config):
+def _run_pycurv(torch, model, loss_fn, x, y, config, mode="batch_stats"):
     import pycurv
     import pycurv.torch as pt
 
-    H = pt.hessian(model, loss_fn, (x, y))
+    H = pt.hessian(model, loss_fn, (x, y), mode=mode)
     kw = {} if config == "defaults" else {"tol": MATCHED_TOL}
     if config == EIG_CONFIG:
         kw["criterion"] = "eigenvalue"
@@ -413,14 +415,18 @@ def _run_scipy(torch, model, loss_fn, x, y, config):
                 converged=True, note="eigsh (ARPACK) on double backward" + (", tol=0" if config == "defaults" else ""))
 
 
+def _run_pycurv_eval(torch, model, loss_fn, x, y, config):
+    return _run_pycurv(torch, model, loss_fn, x, y, config, mode="eval")
+
+
 def _run_pyhessian_train(torch, model, loss_fn, x, y, config):
     return _run_pyhessian(torch, model, loss_fn, x, y, config, train=True)
 
 
-RUNNERS = {"pycurv": _run_pycurv, "pyhessian": _run_pyhessian, "pyhessian-train": _run_pyhessian_train,
+RUNNERS = {"pycurv": _run_pycurv, "pycurv-eval": _run_pycurv_eval, "pyhessian": _run_pyhessian, "pyhessian-train": _run_pyhessian_train,
            "eigenthings": _run_eigenthings,
            "curvlinops": _run_curvlinops, "scipy": _run_scipy}
-_IMPORTS = {"pycurv": "pycurv.torch", "pyhessian": "pyhessian.hessian", "pyhessian-train": "pyhessian.hessian",
+_IMPORTS = {"pycurv": "pycurv.torch", "pycurv-eval": "pycurv.torch", "pyhessian": "pyhessian.hessian", "pyhessian-train": "pyhessian.hessian",
             "eigenthings": "hessian_eigenthings",
             "curvlinops": "curvlinops", "scipy": "scipy.sparse.linalg"}
 
@@ -428,7 +434,7 @@ _IMPORTS = {"pycurv": "pycurv.torch", "pyhessian": "pyhessian.hessian", "pyhessi
 def _package_version(tool):
     from importlib import metadata
 
-    dist = {"pycurv": "pycurv", "pyhessian": "pyhessian", "pyhessian-train": "pyhessian", "eigenthings": "hessian-eigenthings",
+    dist = {"pycurv": "pycurv", "pycurv-eval": "pycurv", "pyhessian": "pyhessian", "pyhessian-train": "pyhessian", "eigenthings": "hessian-eigenthings",
             "curvlinops": "curvlinops-for-pytorch", "scipy": "scipy"}[tool]
     try:
         return metadata.version(dist)
@@ -597,10 +603,12 @@ if __name__ != "__main__":
             pytest.fail(f"reference for {model_name}: {ref['error']}")
         return ref
 
-    # pycurv also at criterion="eigenvalue"; PyHessian kept in train mode only where eval mode differs.
+    # pycurv also at criterion="eigenvalue"; PyHessian kept in train mode, and pycurv in eval mode, only where
+    # the two modes differ.
     @pytest.mark.parametrize("model_name,tool,config", [
-        (m, t, c) for m in MODELS for t in TOOLS for c in CONFIGS + ([EIG_CONFIG] if t == "pycurv" else [])
-        if t != "pyhessian-train" or m == "convnet"])
+        (m, t, c) for m in MODELS for t in TOOLS
+        for c in CONFIGS + ([EIG_CONFIG] if t in ("pycurv", "pycurv-eval") else [])
+        if t not in ("pyhessian-train", "pycurv-eval") or m == "convnet"])
     def test_peer(benchmark, model_name, tool, config):
         if model_name.startswith("gpt2"):
             pytest.importorskip("transformers")
