@@ -47,9 +47,11 @@ stamp "GPU tests"
 PYCURV_EXPECT_CUDA=1 python -m pytest -p no:cacheprovider -q --rootdir="$root" -c "$root/pyproject.toml" \
   "$root/tests/test_gpu.py" "$root/tests/test_cuda_build.py" 2>&1 | tee "$out/tests.log"
 tests_rc=${PIPESTATUS[0]}
-[ "$tests_rc" = 0 ] || { stamp "GPU tests failed (exit $tests_rc): see $out/tests.log"; exit "$tests_rc"; }
+# Device time is scarce: a failing test does not cost the benchmark; the exit status says it failed.
+[ "$tests_rc" = 0 ] || stamp "GPU tests failed (exit $tests_rc): see $out/tests.log; the benchmark runs all the same"
 
 stamp "benchmark"
 python "$root/bench/gpu_check.py" "${bench_args[@]}" --out "$out/summary.md" 2> "$out/bench.log" \
   || { tail -40 "$out/bench.log"; exit 1; }
 stamp "done in $((SECONDS - start)) s; summary in $out/summary.md"
+exit "$tests_rc"
