@@ -31,22 +31,7 @@ def register(sub):
         help="sharpness of a PyTorch model's loss and the stability verdict",
         description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1].replace("\n", " "),
     )
-    p.add_argument("target", nargs="?", default=None,
-                   help="SCRIPT.py[:function] or module:function returning model, loss_fn, data[, optimizer] "
-                        "(default: a built-in example)")
-    p.add_argument("--lr", type=positive_float, default=None,
-                   help="learning rate to judge (default: the returned optimizer's)")
-    p.add_argument("--optimizer", type=str.lower, choices=_OPTIMIZERS, default=None,
-                   help="optimizer whose threshold applies with --lr (default: the returned optimizer's, else sgd)")
-    g = p.add_argument_group("optimizer hyper-parameters (override the returned optimizer's, or with --lr)")
-    g.add_argument("--momentum", type=coefficient, default=None, help="momentum β (sgd, rmsprop; default 0)")
-    g.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (sgd)")
-    g.add_argument("--dampening", type=coefficient, default=None, help="dampening d (sgd; default 0)")
-    g.add_argument("--weight-decay", type=nonnegative_float, dest="weight_decay", default=None,
-                   help="weight decay (sgd, adam: coupled; adamw: decoupled; default 0)")
-    g.add_argument("--beta1", type=coefficient, default=None, help="Adam β1 (default 0.9)")
-    g.add_argument("--beta2", type=coefficient, default=None, help="Adam β2 (default 0.999; enters P)")
-    g.add_argument("--eps", type=nonnegative_float, default=None, help="Adam ε (default 1e-8; enters P)")
+    add_setup_arguments(p, lr_help="learning rate to judge (default: the returned optimizer's)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="SGD batch size B: adds the noisy-SGD bound from the curvature variance")
     p.add_argument("--microbatch-size", type=positive_int, default=None,
@@ -73,6 +58,25 @@ def register(sub):
     p.add_argument("--no-min", action="store_true", help="skip the smallest eigenvalue")
     p.add_argument("--json", action="store_true", help="strict JSON on stdout")
     p.set_defaults(func=run)
+
+
+def add_setup_arguments(p, *, lr_help: str) -> None:
+    """The model setup and the optimizer whose threshold applies (shared with ``pycurv spectrum``)."""
+    p.add_argument("target", nargs="?", default=None,
+                   help="SCRIPT.py[:function] or module:function returning model, loss_fn, data[, optimizer] "
+                        "(default: a built-in example)")
+    p.add_argument("--lr", type=positive_float, default=None, help=lr_help)
+    p.add_argument("--optimizer", type=str.lower, choices=_OPTIMIZERS, default=None,
+                   help="optimizer whose threshold applies with --lr (default: the returned optimizer's, else sgd)")
+    g = p.add_argument_group("optimizer hyper-parameters (override the returned optimizer's, or with --lr)")
+    g.add_argument("--momentum", type=coefficient, default=None, help="momentum β (sgd, rmsprop; default 0)")
+    g.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (sgd)")
+    g.add_argument("--dampening", type=coefficient, default=None, help="dampening d (sgd; default 0)")
+    g.add_argument("--weight-decay", type=nonnegative_float, dest="weight_decay", default=None,
+                   help="weight decay (sgd, adam: coupled; adamw: decoupled; default 0)")
+    g.add_argument("--beta1", type=coefficient, default=None, help="Adam β1 (default 0.9)")
+    g.add_argument("--beta2", type=coefficient, default=None, help="Adam β2 (default 0.999; enters P)")
+    g.add_argument("--eps", type=nonnegative_float, default=None, help="Adam ε (default 1e-8; enters P)")
 
 
 def _device(text: str) -> str:

@@ -17,10 +17,7 @@ import warnings
 import numpy as np
 
 from ._common import CliError, emit_json, output_file, positive_float, positive_int
-from .sharpness import _device, _load, _threshold, _unpack
-from .stability import coefficient, nonnegative_float
-
-_OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+from .sharpness import _device, _load, _threshold, _unpack, add_setup_arguments
 
 
 def register(sub):
@@ -29,9 +26,7 @@ def register(sub):
         help="λ1, λmin, top-k ratios, trace and spectral density of a PyTorch model's loss Hessian",
         description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1].replace("\n", " "),
     )
-    p.add_argument("target", nargs="?", default=None,
-                   help="SCRIPT.py[:function] or module:function returning model, loss_fn, data[, optimizer] "
-                        "(default: a built-in example)")
+    add_setup_arguments(p, lr_help="learning rate whose threshold is marked (default: the returned optimizer's)")
     p.add_argument("--plot", type=output_file, default=None, metavar="FILE",
                    help="draw the spectral density (log density axis, λ1 and the threshold marked) to FILE")
     p.add_argument("-k", "--top-k", type=positive_int, dest="k", default=5,
@@ -40,19 +35,6 @@ def register(sub):
     p.add_argument("--n-steps", type=positive_int, default=80, help="Lanczos steps per probe (default 80)")
     p.add_argument("--trace-matvecs", type=positive_int, default=100,
                    help="products for the trace (Hutch++, default 100)")
-    p.add_argument("--lr", type=positive_float, default=None,
-                   help="learning rate whose threshold is marked (default: the returned optimizer's)")
-    p.add_argument("--optimizer", type=str.lower, choices=_OPTIMIZERS, default=None,
-                   help="optimizer whose threshold applies with --lr (default: the returned optimizer's, else sgd)")
-    g = p.add_argument_group("optimizer hyper-parameters (as for pycurv sharpness)")
-    g.add_argument("--momentum", type=coefficient, default=None, help="momentum β (sgd, rmsprop; default 0)")
-    g.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (sgd)")
-    g.add_argument("--dampening", type=coefficient, default=None, help="dampening d (sgd; default 0)")
-    g.add_argument("--weight-decay", type=nonnegative_float, dest="weight_decay", default=None,
-                   help="weight decay (default 0)")
-    g.add_argument("--beta1", type=coefficient, default=None, help="Adam β1 (default 0.9)")
-    g.add_argument("--beta2", type=coefficient, default=None, help="Adam β2 (default 0.999)")
-    g.add_argument("--eps", type=nonnegative_float, default=None, help="Adam ε (default 1e-8)")
     p.add_argument("--microbatch-size", type=positive_int, default=None, help="microbatches for the HVPs (less memory)")
     p.add_argument("--dtype", choices=("model", "float32", "float64"), default="model",
                    help="arithmetic of the Hessian-vector products (default: the model's)")
