@@ -104,6 +104,32 @@ struct has_fused_ortho : std::false_type {};
 template <class B>
 struct has_fused_ortho<B, std::void_t<decltype(&B::ortho_fused)>> : std::true_type {};
 
+// ---- scale (shared by Lanczos and Tridiag) --------------------------------
+// From the reduced sums of Basis::magnitude (big: |x| 2^-64 over |x| >= 1;
+// small: |x| 2^64 over |x| < 1): 1 and *e with 2^e within a factor 2 of the
+// largest sum, so max|x| / 2 <= 2^e <= n max|x|; 0 for the zero vector; -1
+// if the vector is not finite.
+inline int magnitude_exponent(double big, double small, int* e) {
+  if (!std::isfinite(big) || !std::isfinite(small)) return -1;
+  if (big > 0.0) {
+    *e = std::ilogb(big) + 64;
+    return 1;
+  }
+  if (small > 0.0) {
+    *e = std::ilogb(small) - 64;
+    return 1;
+  }
+  return 0;
+}
+// The even exponent p with 2^p 2^e in [1, 4): entries of the scaled vector
+// lie within [1/n, 4] of each other at the top, so its squared norm neither
+// under- nor overflows. Even, so that square roots scale exactly too;
+// within [-1022, 1022], so that 2^p is a normal number.
+inline int scale_exponent(int e) {
+  const int p = -(e - (((e % 2) + 2) % 2));
+  return std::max(-1022, std::min(1022, p));
+}
+
 template <class Basis>
 class Lanczos {
  public:
@@ -150,7 +176,7 @@ class Lanczos {
           const int m = magnitude_exponent(red_[0], red_[1], &e);
           if (m < 0) throw std::invalid_argument("the start vector is not finite");
           if (m == 0) throw std::invalid_argument("the start vector is zero");
-          B_->scale(0, std::ldexp(1.0, scale_exponent(e)));
+          B_->scale(0, std::ldexp(1.0, pycurv::scale_exponent(e)));
           ortho_begin(0, 0, /*src=*/nullptr, Pc::StartDone);
           break;
         }
@@ -186,7 +212,7 @@ class Lanczos {
           const int m = magnitude_exponent(red_[0], red_[1], &e);
           if (m < 0) throw NonFiniteError("matvec returned non-finite values", n_matvecs_);
           if (m > 0) {  // a zero product stays zero whatever the scale: decide at the first nonzero one
-            scale_exp_ = scale_exponent(e);
+            scale_exp_ = pycurv::scale_exponent(e);
             scaled_ = true;
             B_->set_source_scale(std::ldexp(1.0, scale_exp_));
           }
@@ -328,30 +354,6 @@ class Lanczos {
   };
 
   // ---- scale ---------------------------------------------------------------
-  // From the reduced sums of Basis::magnitude (big: |x| 2^-64 over |x| >= 1;
-  // small: |x| 2^64 over |x| < 1): 1 and *e with 2^e within a factor 2 of the
-  // largest sum, so max|x| / 2 <= 2^e <= n max|x|; 0 for the zero vector; -1
-  // if the vector is not finite.
-  static int magnitude_exponent(double big, double small, int* e) {
-    if (!std::isfinite(big) || !std::isfinite(small)) return -1;
-    if (big > 0.0) {
-      *e = std::ilogb(big) + 64;
-      return 1;
-    }
-    if (small > 0.0) {
-      *e = std::ilogb(small) - 64;
-      return 1;
-    }
-    return 0;
-  }
-  // The even exponent p with 2^p 2^e in [1, 4): entries of the scaled vector
-  // lie within [1/n, 4] of each other at the top, so its squared norm neither
-  // under- nor overflows. Even, so that square roots scale exactly too;
-  // within [-1022, 1022], so that 2^p is a normal number.
-  static int scale_exponent(int e) {
-    const int p = -(e - (((e % 2) + 2) % 2));
-    return std::max(-1022, std::min(1022, p));
-  }
   double unscale(double x) const { return std::ldexp(x, -scale_exp_); }
   std::vector<double> unscaled(std::vector<double> v) const {
     for (double& x : v) x = unscale(x);

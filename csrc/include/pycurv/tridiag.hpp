@@ -114,22 +114,6 @@ class Tridiag {
  private:
   enum class Pc { Start, AfterMatvec, Done };
 
-  static int magnitude_exponent(double big, double small, int* e) {
-    if (!std::isfinite(big) || !std::isfinite(small)) return -1;
-    if (big > 0.0) {
-      *e = std::ilogb(big) + 64;
-      return 1;
-    }
-    if (small > 0.0) {
-      *e = std::ilogb(small) - 64;
-      return 1;
-    }
-    return 0;
-  }
-  static int scale_exponent(int e) {
-    const int p = -(e - (((e % 2) + 2) % 2));
-    return std::max(-1022, std::min(1022, p));
-  }
   std::vector<double> unscaled(std::vector<double> v) const {
     for (double& x : v) x = std::ldexp(x, -scale_exp_);
     return v;
