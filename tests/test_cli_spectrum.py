@@ -46,6 +46,7 @@ def test_json_reports_the_spectrum(capsys, reference):
     assert d["lambda_max"] == d["top_k"][0] and abs(d["lambda_min"] - low) <= 1e-5 * abs(low)
     assert d["ratios"][0] == 1.0 and np.allclose(d["ratios"], np.array(d["top_k"]) / d["top_k"][0])
     assert d["eigenvalues_converged"] is True
+    assert d["function"].startswith("training loss: no batch-statistics layers, dropout off")
     assert d["trace"]["method"] == "hutch++" and d["trace"]["matvecs"] == 100 and d["trace"]["stderr"] > 0
     dens = d["density"]
     assert np.array(dens["nodes"]).shape == (4, 30) and np.allclose(np.sum(dens["weights"], axis=1), 1.0)
@@ -65,6 +66,7 @@ def test_text_and_plot(capsys, tmp_path):
     lines = out.splitlines()
     assert lines[0].startswith("pycurv spectrum: built-in example")
     assert "  λ1              8.44" in lines and "  λmin            -5.03" in lines
+    assert any(line.startswith("  function        training loss:") for line in lines)
     assert any(line.startswith("  top 2:  λ1 8.44 (1 λ1),  λ2 6.65 (0.788 λ1)") for line in lines)
     assert any(line.startswith("  trace ") and "± " in line and "hutch++, 100 products" in line for line in lines)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

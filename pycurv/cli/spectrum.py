@@ -114,6 +114,7 @@ def run(args) -> int:
                                                "quantity": thr.quantity},
         "matvecs": int(top.n_matvecs + bottom.n_matvecs + tr.n_matvecs + sd.n_matvecs),
         "plot": args.plot,
+        "function": H.function,
     }
     if args.plot is not None:
         _plot(sd, sigma, lam1, thr if marks_h else None, args.plot, label)
@@ -125,6 +126,7 @@ def run(args) -> int:
     fmt = format_number
     w(f"pycurv spectrum: {label}\n")
     w(f"  parameters      {n:,} ({H.dtype}, {H.device})\n")
+    w(f"  function        {H.function}\n")
     w(f"  λ1              {fmt(lam1)}{'' if top.converged else '  (not converged)'}\n")
     w(f"  λmin            {fmt(out['lambda_min'])}{'' if bottom.converged else '  (not converged)'}\n")
     w(f"  top {len(ratios)}:  " + ",  ".join(f"λ{i + 1} {fmt(v)} ({r:.3g} λ1)"
