@@ -99,7 +99,10 @@ def lanczos(
         The final residual check adds up to k products.
     v0 : array of shape (n,), optional
         Start vector (e.g. the previous Ritz vector, to warm-start); a device
-        array for an operator on a GPU. Default: a random vector from ``seed``.
+        array for an operator on a GPU. Default: a random vector from ``seed``;
+        for ``which="LA"``, what the operator's ``default_start(seed)`` proposes
+        where it has one (the torch adapter's: the loss gradient plus a random
+        vector of equal norm).
     seed : int or numpy.random.Generator, optional
         Seed of the random start and restart vectors. Same seed, same operator:
         bit-identical results. Drawn from OS entropy if None (recorded in the result).
@@ -182,6 +185,10 @@ def _solve(op, k, *, which, tol, ncv, max_matvecs, v0, seed, return_eigenvectors
     if v0 is not None:
         v0 = _gpu.check_v0(v0, N) if on_gpu else _checks.check_v0(v0, n_local)
     seed = _checks.check_seed(seed)
+    if v0 is None and which == "LA" and comm is None and not on_gpu and callable(getattr(op, "default_start", None)):
+        v0 = op.default_start(seed)  # e.g. the torch adapter's gradient start; None: the random one
+        if v0 is not None:
+            v0 = _checks.check_v0(v0, n_local)
     if comm is not None:
         seed, v0 = _agree(comm, seed, v0, n_local, sharded)
     if check_multiplicity is None:

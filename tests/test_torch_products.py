@@ -7,6 +7,8 @@ eager attention against their default (sdpa) attention.
 
 from __future__ import annotations
 
+import copy
+
 import gc
 import weakref
 
@@ -233,3 +235,35 @@ def test_the_core_leaves_torch_its_cores_during_a_solve():
         assert set(seen) == {min(before, max(1, (os.cpu_count() or 1) - 1))}
     finally:
         torch.set_num_threads(1)
+
+
+def test_the_top_search_starts_from_the_gradient():
+    """Without v0, pycurv.lanczos(which="LA") starts from H.default_start(seed): the loss gradient plus a
+    random vector of equal norm, taken from the graphs the products then use; never for "SA" or a given v0."""
+    model = tm.convnet()
+    batches = tm.classification_batches([9, 7], image=True)
+    D = tm.dense_hessian(model, F.cross_entropy, batches, mode="batch_stats")
+    lam = np.linalg.eigvalsh(D)
+    H = pt.hessian(model, F.cross_entropy, batches)
+    ref = copy.deepcopy(model).train()  # batch statistics, as the operator's default (no dropout here)
+    loss = sum(F.cross_entropy(ref(x), y) * len(y) for x, y in batches) / 16
+    grads = torch.autograd.grad(loss, [dict(ref.named_parameters())[k] for k in H.layout.names])
+    flat = torch.cat([t.reshape(-1) for t in grads]).double().numpy()
+    start = H.default_start(5)
+    assert H.cache_batches == 2  # built the graphs the first product uses
+    u = flat / np.linalg.norm(flat)
+    r = np.random.default_rng(5).standard_normal(H.shape[0])
+    np.testing.assert_allclose(start - r / np.linalg.norm(r), u, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(start, H.default_start(5))  # the seed fixes it
+    calls = []
+    original = H.default_start
+    H.default_start = lambda seed: calls.append(seed) or original(seed)
+    top = pycurv.lanczos(H, 2, tol=1e-10, seed=5)
+    np.testing.assert_allclose(top.eigenvalues, lam[::-1][:2], rtol=0, atol=1e-10 * abs(lam).max())
+    bottom = pycurv.lanczos(H, 1, which="SA", tol=1e-10, seed=5)
+    given = pycurv.lanczos(H, 1, tol=1e-10, v0=np.ones(H.shape[0]))
+    assert calls == [5] and abs(bottom.eigenvalues[0] - lam[0]) <= 1e-10 * abs(lam).max()
+    assert abs(given.eigenvalues[0] - lam[-1]) <= 1e-10 * abs(lam).max()
+    # No graph kept, or a preconditioner: the random start.
+    assert pt.hessian(model, F.cross_entropy, batches, hvp="forward").default_start(5) is None
+    assert pt.hessian(model, F.cross_entropy, batches, preconditioner=torch.ones(H.shape[0])).default_start(5) is None
