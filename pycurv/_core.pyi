@@ -63,10 +63,8 @@ class LanczosState:
         """Wanted Ritz values, wanted end first (after DONE)."""
     def residuals(self) -> np.ndarray:
         """Residual norms of the wanted Ritz pairs (after DONE)."""
-    def ritz_values(self) -> np.ndarray:
-        """Every current Ritz value, locked and active (for gap estimates)."""
-    def ritz_residuals(self) -> np.ndarray:
-        """Their residual norms, in the same order."""
+    def error_bounds(self) -> np.ndarray:
+        """Estimated eigenvalue errors min(r, r^2/gap) of the final pairs (see LanczosResult.error_bounds)."""
     def current_values(self) -> np.ndarray:
         """The wanted Ritz values now (progress, at STEP)."""
     def current_residuals(self) -> np.ndarray:

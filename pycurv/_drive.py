@@ -127,7 +127,7 @@ def collect(state, timing: dict, *, which: str, tol: float, ncv: int, seed: int,
     vecs = None
     if want_vectors:
         vecs = as_array(state.eigenvectors()).T  # (n, k), column i <-> eigenvalue i
-    bounds = _error_bounds(values, res, np.asarray(state.ritz_values()), np.asarray(state.ritz_residuals()))
+    bounds = np.asarray(state.error_bounds(), dtype=np.float64)  # min(r, r**2 / gap), as the core stops on
     rel = _relative(res, values, anorm)
     message = _message(status, rel, tol, max_matvecs, float(state.noise_level), int(state.n_matvecs), exact=exact)
     if criterion == "eigenvalue" and status in ("converged", "max_matvecs"):
@@ -168,22 +168,6 @@ def _relative(res: np.ndarray, values: np.ndarray, anorm: float) -> np.ndarray:
     scale = np.maximum(np.abs(values), anorm)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(scale > 0, res / np.where(scale > 0, scale, 1.0), np.where(res > 0, np.inf, 0.0))
-
-
-def _error_bounds(values: np.ndarray, res: np.ndarray, ritz: np.ndarray, ritz_res: np.ndarray) -> np.ndarray:
-    """min(r, r**2 / gap) per wanted pair; gap: to every other Ritz value less its residual, the nearest
-    (the estimate ``criterion="eigenvalue"`` stops on; an unconverged neighbour leaves r)."""
-    out = res.copy()
-    for i, (v, r) in enumerate(zip(values, res)):
-        dist = np.abs(ritz - v)
-        if dist.size == 0:
-            continue
-        mine = int(np.argmin(dist))
-        others = np.delete(dist - ritz_res, mine)
-        gap = float(np.min(others)) if others.size else np.inf
-        if np.isfinite(gap) and gap > 0 and r < gap:  # r * (r / gap): r * r alone overflows for r near 1e160
-            out[i] = r * (r / gap)
-    return out
 
 
 def _eigenvalue_message(status: str, rel: np.ndarray, tol: float, max_matvecs: int, n_mv: int) -> str:

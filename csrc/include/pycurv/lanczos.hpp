@@ -312,6 +312,7 @@ class Lanczos {
   // in the units of A (the state works on s A; see "Scale" above).
   std::vector<double> values() const { return unscaled(out_values_); }
   std::vector<double> residuals() const { return unscaled(out_res_); }
+  std::vector<double> error_bounds() const { return unscaled(out_bounds_); }
   std::vector<double> current_values() {
     std::vector<double> v;
     for (int w : wanted_) v.push_back(cand_value(w));
@@ -323,18 +324,6 @@ class Lanczos {
     return unscaled(v);
   }
   int n_vectors() const { return static_cast<int>(out_values_.size()); }
-  // Every current Ritz value (locked and active), for gap estimates.
-  std::vector<double> ritz_values() const {
-    std::vector<double> v(lock_theta_.begin(), lock_theta_.end());
-    v.insert(v.end(), theta_.begin(), theta_.begin() + a_);
-    return unscaled(v);
-  }
-  // Their residual norms, in the same order.
-  std::vector<double> ritz_residuals() const {
-    std::vector<double> v(lock_rho_.begin(), lock_rho_.end());
-    v.insert(v.end(), rho_.begin(), rho_.begin() + a_);
-    return unscaled(v);
-  }
   // log2 of the factor s the products are multiplied by (0 until a product is nonzero).
   int scale_exponent() const { return scale_exp_; }
   // The matvec's arithmetic can be learned from its first output.
@@ -515,21 +504,22 @@ class Lanczos {
   double cand_value(int c) const { return c < L_ ? lock_theta_[c] : theta_[c - L_]; }
   double cand_rho(int c) const { return c < L_ ? lock_rho_[c] : rho_[c - L_]; }
   double scale_of(double v) const { return std::max(std::fabs(v), anorm_); }
-  // What tol bounds for candidate c with residual norm r: r itself, or with
-  // tol_on_eigenvalue the estimated eigenvalue error min(r, r^2/gap). gap
-  // stands in for the distance to the rest of the spectrum (Kato-Temple): the
-  // distance to each other Ritz value less that value's own residual, the
-  // nearest. An unconverged neighbour (a continuum edge, a cluster still being
-  // resolved) shrinks it to nothing and r stands; an eigenvalue the Krylov
-  // space has not seen at all can still make it optimistic.
-  double tested_error(int c, double r) const {
-    if (!o_.tol_on_eigenvalue) return r;
+  // The estimated eigenvalue error of candidate c with residual norm r:
+  // min(r, r^2/gap), gap standing in for the distance to the rest of the
+  // spectrum (Kato-Temple): the distance to each other Ritz value less that
+  // value's own residual, the nearest. An unconverged neighbour (a continuum
+  // edge, a cluster still being resolved) shrinks it to nothing and r stands;
+  // an eigenvalue the Krylov space has not seen at all can still make it
+  // optimistic. Reported as the result's error bounds.
+  double error_estimate(int c, double r) const {
     const double v = cand_value(c);
     double gap = INFINITY;
     for (int d = 0; d < L_ + a_; ++d)
       if (d != c) gap = std::min(gap, std::fabs(cand_value(d) - v) - cand_rho(d));
     return std::isfinite(gap) && gap > 0 && r < gap ? r * (r / gap) : r;
   }
+  // What tol bounds: the residual norm r, or with tol_on_eigenvalue the error estimate.
+  double tested_error(int c, double r) const { return o_.tol_on_eigenvalue ? error_estimate(c, r) : r; }
   bool cand_converged(int c) const {
     return tested_error(c, cand_rho(c)) <= est_safety_ * tol_est_ * scale_of(cand_value(c));
   }
@@ -894,9 +884,11 @@ class Lanczos {
     status_ = st;
     out_values_.clear();
     out_res_.clear();
+    out_bounds_.clear();
     for (size_t i = 0; i < wanted_.size(); ++i) {
       out_values_.push_back(cand_value(wanted_[i]));
       out_res_.push_back(explicit_values ? xres_[i] : cand_rho(wanted_[i]));
+      out_bounds_.push_back(error_estimate(wanted_[i], out_res_.back()));
     }
     explicit_done_ = explicit_values;
     pc_ = Pc::Finish;
@@ -964,7 +956,7 @@ class Lanczos {
   int check_i_ = 0;
   std::vector<double> xres_;
 
-  std::vector<double> out_values_, out_res_;
+  std::vector<double> out_values_, out_res_, out_bounds_;
   std::vector<double> hist_mv_, hist_val_, hist_res_;
 };
 
