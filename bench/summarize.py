@@ -282,6 +282,40 @@ def products_table(benches):
     return "\n".join(out)
 
 
+def ratios_table(benches):
+    """test_bench_peers.py::test_time_ratios: median seconds and median per-round ratios."""
+    rows = [b["extra_info"] for b in benches if "ratio_model" in b["extra_info"]]
+    if not rows:
+        return ""
+    out = ["| model | run | seconds per round | median s | HVPs | rel. error | pycurv (λ1 to 1e-4) / run |",
+           "|---|---|---|---|---|---|---|"]
+    for e in rows:
+        for k in e["keys"]:
+            r = e["median_ratio_to_pycurv"].get(k)
+            errs = [x for x in e["relative_error"][k] if x is not None]
+            out.append(f"| {e['ratio_model']} | {k} | {', '.join(f'{s:.2f}' for s in e['seconds'][k])} | "
+                       f"{e['median_seconds'][k]:.2f} | {e['hvps'][k][0]} | "
+                       f"{max(errs):.1e} | {'–' if r is None else f'**{1 / r:.2f}**'} |")
+    return "\n".join(out)
+
+
+def criteria_table(benches):
+    """test_bench_criteria.py: per spectrum and tol, how often each stopping rule misses lambda_1."""
+    rows = [b["extra_info"] for b in benches if b["name"].startswith("test_criteria")]
+    if not rows:
+        return ""
+    e0 = rows[0]
+    out = [f"n = {e0['n']}, {e0['seeds']} random starts per cell; miss: fraction of starts further than "
+           "tol * scale from λ1; worst: largest error in units of tol * scale; beyond r: fraction whose error "
+           "exceeds the returned residual.", "",
+           "| spectrum | tol | solver | miss | worst | beyond r | matvecs |", "|---|---|---|---|---|---|---|"]
+    for e in rows:
+        for r in e["rows"]:
+            out.append(f"| {e['spectrum']} | {r['tol']:g} | {r['solver']} | {r['miss']:.2f} | {r['worst']:.2g} | "
+                       f"{r['beyond_r']:.2f} | {r['matvecs']:.1f} |")
+    return "\n".join(out)
+
+
 def _sentence(text, limit=160):
     first = text.split(". ")[0]
     return first if len(first) <= limit else first[:limit - 1] + "…"
@@ -293,7 +327,7 @@ def main(path):
     print(f"Machine: {_machine(data)}\n")
     for table in (lanczos_table(benches), roofline_table(benches), torch_table(benches),
                   distributed_table(benches), gpu_roofline_table(benches), gpu_lambda_table(benches),
-                  peers_table(benches), products_table(benches)):
+                  peers_table(benches), products_table(benches), criteria_table(benches), ratios_table(benches)):
         if table:
             print(table + "\n")
 

@@ -113,6 +113,9 @@ CONFIGS = ["defaults", "tol=1e-4"]
 EIG_CONFIG = "λ1 to 1e-4"  # pycurv only: criterion="eigenvalue", the eigenvalue's estimated relative error
 MODELS = [m for m in os.environ.get("PYCURV_BENCH_PEER_MODELS", ",".join(ALL_MODELS)).split(",") if m]
 TOOLS = [t for t in os.environ.get("PYCURV_BENCH_PEER_TOOLS", ",".join(ALL_TOOLS)).split(",") if t]
+ROUNDS = int(os.environ.get("PYCURV_BENCH_PEER_ROUNDS", "5"))
+# test_time_ratios: pycurv asked for lambda_1 to 1e-4 against the peers at tol=1e-4, interleaved
+RATIO_RUNS = [("pycurv", EIG_CONFIG), ("pycurv", "tol=1e-4"), ("pyhessian", "tol=1e-4"), ("scipy", "tol=1e-4")]
 
 FUNCTION_NAMES = {
     "batch_stats": "train mode (batch stats)",
@@ -616,6 +619,39 @@ if __name__ != "__main__":
         benchmark.group = f"lambda_1 of {model_name}: pycurv and its peers"
         result = benchmark.pedantic(run_child, args=("--tool", tool, model_name, config), rounds=1, iterations=1)
         benchmark.extra_info.update(evaluate(result, ref, model_name, tool))
+
+    @pytest.mark.parametrize("model_name", [m for m in ("convnet", "gpt2_eager") if m in MODELS])
+    def test_time_ratios(benchmark, model_name):
+        """Total seconds of pycurv and of PyHessian and scipy at tol=1e-4, ROUNDS rounds, each round's runs
+        in a rotated order (one fresh process per run): the machine's load moves all of them alike, and the
+        medians of the per-round ratios are what RESULTS.md quotes. PyHessian on the convnet is kept in
+        train mode, so that every run measures the same function."""
+        if model_name.startswith("gpt2"):
+            pytest.importorskip("transformers")
+        ref = _reference(model_name)
+        runs = [("pyhessian-train" if t == "pyhessian" and model_name == "convnet" else t, c) for t, c in RATIO_RUNS]
+        rounds = []
+
+        def measure():
+            for r in range(ROUNDS):
+                order = runs[r % len(runs):] + runs[:r % len(runs)]
+                rounds.append({f"{t} {c}": evaluate(run_child("--tool", t, model_name, c), ref, model_name, t)
+                               for t, c in order})
+
+        benchmark.pedantic(measure, rounds=1, iterations=1)
+        keys = [f"{t} {c}" for t, c in runs]
+        seconds = {k: [rd[k].get("seconds", float("nan")) for rd in rounds] for k in keys}
+        base = keys[0]
+        ratios = {k: float(np.median([rd[k]["seconds"] / rd[base]["seconds"] for rd in rounds])) for k in keys[1:]}
+        benchmark.extra_info.update(
+            ratio_model=model_name, rounds=ROUNDS, keys=keys, seconds=seconds,
+            median_seconds={k: float(np.median(v)) for k, v in seconds.items()},
+            median_ratio_to_pycurv=ratios,
+            hvps={k: [rd[k].get("hvps") for rd in rounds] for k in keys},
+            relative_error={k: [rd[k].get("relative_error") for rd in rounds] for k in keys})
+        for k in keys:
+            print(f"{model_name} | {k} | s {np.round(seconds[k], 3).tolist()} | HVPs {rounds[0][k].get('hvps')} | "
+                  f"err {rounds[0][k].get('relative_error')} | peer/pycurv {ratios.get(k, 1.0):.2f}")
 
 
 if __name__ == "__main__":

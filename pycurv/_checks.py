@@ -70,6 +70,21 @@ def check_tol(tol) -> float:
     return float(tol)
 
 
+# Products before convergence may be declared, by default: fewer Krylov dimensions cannot
+# tell an isolated top eigenvalue from a cluster (bench/RESULTS.md, "How often each stopping
+# rule returns lambda_1"). ARPACK's first check comes after ncv (20) products.
+MIN_MATVECS = 16
+
+
+def check_min_matvecs(min_matvecs, n: int, max_matvecs: int) -> int:
+    if min_matvecs is None:
+        return min(MIN_MATVECS, n, max_matvecs)
+    min_matvecs = check_int("min_matvecs", min_matvecs)
+    if min_matvecs < 0:
+        raise ValueError(f"min_matvecs must be >= 0, got min_matvecs={min_matvecs}")
+    return min(min_matvecs, max_matvecs)
+
+
 def check_max_matvecs(max_matvecs, ncv: int, k: int) -> int:
     if max_matvecs is None:
         return max(1000, 30 * ncv, 100 * k)

@@ -41,7 +41,7 @@ class LanczosState:
     def __init__(self, *, n_local: int, n_global: int, offset: int, k: int, ncv: int, which: int, tol: float,
                  max_matvecs: int, seed: int, start_given: bool, check_multiplicity: bool,
                  explicit_residuals: bool, want_vectors: bool, yield_reduce: bool,
-                 unit_roundoff: float, tol_on_eigenvalue: bool = False) -> None:
+                 unit_roundoff: float, tol_on_eigenvalue: bool = False, min_matvecs: int = 0) -> None:
         """Options as pycurv.lanczos (tol_on_eigenvalue: criterion="eigenvalue"); which is 0 (LA), 1 (SA) or 2 (BE). Raises ValueError when inconsistent."""
     def advance(self) -> Request:
         """Run until the next request (releases the GIL); returns a Request."""

@@ -27,7 +27,8 @@ __all__ = ["lanczos_sharded"]
 
 def lanczos_sharded(matvec: Callable, bounds, k: int = 1, *, which: str = "LA", tol: float = 1e-6, ncv=None,
                     max_matvecs=None, v0=None, seed=None, return_eigenvectors: bool = True, callback=None,
-                    check_multiplicity=None, exact: bool = False, dtype=None, criterion: str = "residual"):
+                    check_multiplicity=None, exact: bool = False, dtype=None, criterion: str = "residual",
+                    min_matvecs=None):
     """Lanczos with the basis split into row shards held in one process (e.g. one per device).
 
     ``bounds`` lists the shards' row ranges ``[(0, n1), (n1, n2), ...]`` covering
@@ -48,6 +49,7 @@ def lanczos_sharded(matvec: Callable, bounds, k: int = 1, *, which: str = "LA", 
     criterion = _checks.check_criterion(criterion)
     ncv = _checks.check_ncv(ncv, k, n)
     max_matvecs = _checks.check_max_matvecs(max_matvecs, ncv, k)
+    min_matvecs = _checks.check_min_matvecs(min_matvecs, n, max_matvecs)
     v0 = None if v0 is None else _checks.check_v0(v0, n)
     seed = _checks.check_seed(seed)
     if check_multiplicity is None:
@@ -58,7 +60,7 @@ def lanczos_sharded(matvec: Callable, bounds, k: int = 1, *, which: str = "LA", 
             max_matvecs=max_matvecs, seed=seed, start_given=v0 is not None,
             check_multiplicity=bool(check_multiplicity), explicit_residuals=not exact,
             want_vectors=bool(return_eigenvectors), yield_reduce=True, unit_roundoff=unit_roundoff(dtype),
-            tol_on_eigenvalue=criterion == "eigenvalue")
+            tol_on_eigenvalue=criterion == "eigenvalue", min_matvecs=min_matvecs)
             for lo, hi in bounds]
     except MemoryError:
         raise basis_memory_error(n, ncv, k, bool(return_eigenvectors)) from None

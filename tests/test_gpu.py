@@ -124,13 +124,17 @@ def test_spectra_same_eigenvalues_as_cpu(name, which, k):
 def test_eigenvalue_criterion_stops_where_the_cpu_does():
     """criterion="eigenvalue" reaches the device's state: same stop, same eigenvalue as on the CPU."""
     a = dense(np.r_[10.0, 9.0, np.linspace(-3.0, 3.0, 398)], seed=5)
-    kw = dict(tol=1e-6, seed=3, criterion="eigenvalue")
+    kw = dict(tol=1e-10, seed=3, criterion="eigenvalue")
     gpu = pycurv.lanczos(HostMatrixOnGpu(a), 1, **kw)
     cpu = pycurv.lanczos(a, 1, **kw)
     assert gpu.converged and gpu.criterion == "eigenvalue" and gpu.n_matvecs == cpu.n_matvecs
-    assert gpu.n_matvecs < pycurv.lanczos(a, 1, tol=1e-6, seed=3).n_matvecs
+    assert gpu.n_matvecs < pycurv.lanczos(a, 1, tol=1e-10, seed=3).n_matvecs
     np.testing.assert_allclose(gpu.eigenvalues, cpu.eigenvalues, rtol=1e-12, atol=0)
-    assert abs(gpu.eigenvalues[0] - 10.0) <= 1e-6 * 10.0
+    assert abs(gpu.eigenvalues[0] - 10.0) <= 1e-10 * 10.0
+    # min_matvecs reaches the device's state too: without it both stop at the same earlier product
+    early = dict(tol=1e-6, seed=3, min_matvecs=0)
+    gpu0, cpu0 = pycurv.lanczos(HostMatrixOnGpu(a), 1, **early), pycurv.lanczos(a, 1, **early)
+    assert gpu0.n_matvecs == cpu0.n_matvecs < 16
 
 
 def test_thick_restarts_same_eigenvalues_as_cpu():

@@ -89,16 +89,18 @@ PYBIND11_MODULE(_core, m) {
   state
       .def(py::init([](int64_t n_local, int64_t n_global, int64_t offset, int k, int ncv, int which, double tol,
                        int64_t max_matvecs, uint64_t seed, bool start_given, bool check_multiplicity,
-                       bool explicit_residuals, bool want_vectors, bool yield_reduce, double unit_roundoff, bool tol_on_eigenvalue) {
+                       bool explicit_residuals, bool want_vectors, bool yield_reduce, double unit_roundoff, bool tol_on_eigenvalue,
+                       int64_t min_matvecs) {
              const Options o = pycurv_binding::make_options(
                  n_local, n_global, offset, k, ncv, which, tol, max_matvecs, seed, start_given, check_multiplicity,
-                 explicit_residuals, want_vectors, yield_reduce, unit_roundoff, tol_on_eigenvalue);
+                 explicit_residuals, want_vectors, yield_reduce, unit_roundoff, tol_on_eigenvalue, min_matvecs);
              return new CpuState(o, pycurv_binding::ritz_buffers(o));
            }),
            py::kw_only(), py::arg("n_local"), py::arg("n_global"), py::arg("offset"), py::arg("k"), py::arg("ncv"),
            py::arg("which"), py::arg("tol"), py::arg("max_matvecs"), py::arg("seed"), py::arg("start_given"),
            py::arg("check_multiplicity"), py::arg("explicit_residuals"), py::arg("want_vectors"),
-           py::arg("yield_reduce"), py::arg("unit_roundoff"), py::arg("tol_on_eigenvalue") = false)
+           py::arg("yield_reduce"), py::arg("unit_roundoff"), py::arg("tol_on_eigenvalue") = false,
+           py::arg("min_matvecs") = 0)
       .def(
           "advance",
           [](CpuState& s) {

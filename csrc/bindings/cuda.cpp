@@ -538,10 +538,10 @@ PYBIND11_MODULE(_cuda, m) {
                        int64_t max_matvecs, uint64_t seed, bool start_given, bool check_multiplicity,
                        bool explicit_residuals, bool want_vectors, bool yield_reduce, double unit_roundoff,
                        int device, uintptr_t stream, bool host_basis, py::object stream_owner,
-                       bool tol_on_eigenvalue) {
+                       bool tol_on_eigenvalue, int64_t min_matvecs) {
              const Options o = pycurv_binding::make_options(
                  n_local, n_global, offset, k, ncv, which, tol, max_matvecs, seed, start_given, check_multiplicity,
-                 explicit_residuals, want_vectors, yield_reduce, unit_roundoff, tol_on_eigenvalue);
+                 explicit_residuals, want_vectors, yield_reduce, unit_roundoff, tol_on_eigenvalue, min_matvecs);
              if (n_local < 1) throw std::invalid_argument("n_local must be >= 1 on a GPU");
              if (device < 0) throw std::invalid_argument("device must be a CUDA device index >= 0");
              CudaState* st = nullptr;
@@ -557,7 +557,7 @@ PYBIND11_MODULE(_cuda, m) {
            py::arg("check_multiplicity"), py::arg("explicit_residuals"), py::arg("want_vectors"),
            py::arg("yield_reduce"), py::arg("unit_roundoff"), py::arg("device"), py::arg("stream") = 0,
            py::arg("host_basis") = false, py::arg("stream_owner") = py::none(),
-           py::arg("tol_on_eigenvalue") = false)
+           py::arg("tol_on_eigenvalue") = false, py::arg("min_matvecs") = 0)
       .def(
           "advance",
           [](CudaState& s) {

@@ -26,7 +26,8 @@ inline py::array_t<double> to_array(const std::vector<double>& v) {
 inline pycurv::Options make_options(int64_t n_local, int64_t n_global, int64_t offset, int k, int ncv, int which,
                                     double tol, int64_t max_matvecs, uint64_t seed, bool start_given,
                                     bool check_multiplicity, bool explicit_residuals, bool want_vectors,
-                                    bool yield_reduce, double unit_roundoff, bool tol_on_eigenvalue = false) {
+                                    bool yield_reduce, double unit_roundoff, bool tol_on_eigenvalue = false,
+                                    int64_t min_matvecs = 0) {
   if (n_local < 0 || n_global < 1 || offset < 0 || offset + n_local > n_global)
     throw std::invalid_argument("inconsistent n_local, n_global, offset");
   if (which < 0 || which > 2) throw std::invalid_argument("which must be 0 (LA), 1 (SA) or 2 (BE)");
@@ -40,6 +41,8 @@ inline pycurv::Options make_options(int64_t n_local, int64_t n_global, int64_t o
   o.tol = tol;
   o.tol_on_eigenvalue = tol_on_eigenvalue;
   o.max_matvecs = max_matvecs;
+  if (min_matvecs < 0) throw std::invalid_argument("min_matvecs must be >= 0");
+  o.min_matvecs = min_matvecs;
   o.seed = seed;
   o.start_given = start_given;
   o.check_multiplicity = check_multiplicity;

@@ -67,6 +67,11 @@ struct Options {
   double tol = 1e-6;      // relative tolerance on the residual, or on the eigenvalue error estimate
   bool tol_on_eigenvalue = false;  // tol bounds min(r, r^2/gap) (the estimated eigenvalue error), not r
   int64_t max_matvecs = 0;
+  // No convergence is declared before this many products: a Krylov space of
+  // fewer dimensions cannot yet tell an isolated top eigenvalue from a
+  // cluster, and its Ritz value converges to the cluster's. Not applied once
+  // a random start's Krylov space is exhausted (its Ritz values are exact).
+  int64_t min_matvecs = 0;
   uint64_t seed = 0;
   bool start_given = false;        // slot 0 holds the caller's start vector
   bool check_multiplicity = false; // verify no copy of a wanted eigenvalue is missing
@@ -580,7 +585,8 @@ class Lanczos {
     const int j = L_ + a_;
     if (stop_requested_) return finish(Status::Stopped);
     const bool whole = j >= o_.n_global;
-    const bool conv = all_wanted_converged();
+    const bool early = n_matvecs_ < o_.min_matvecs && !(chain_exhausted_ && !chain_user_);
+    const bool conv = !early && all_wanted_converged();
     if (whole) return finish_check();
 
     if (phase_ == Phase::Verify) {
