@@ -107,9 +107,9 @@ def lanczos(
         edge of stability), and its Ritz value settles on the cluster's with a
         small residual: on the benchmark spectra, stopping at the first
         passing test returned a value further than ``tol`` from lambda_1 for up
-        to 42% of random starts (``criterion="residual"``) and 94%
-        (``"eigenvalue"``); from 16 products on, at most 7%, by at most 1.4
-        tol, as ARPACK (bench/RESULTS.md). A random start's Krylov space that
+        to 42% of random starts (``criterion="residual"``) and 96%
+        (``"eigenvalue"``); from 16 products on, for at most 8%, by at most
+        2 tol, as ARPACK (10%, 1.8 tol; bench/RESULTS.md). A random start's Krylov space that
         is exhausted early (an operator of low rank) is exact and ends the run sooner. Lower it only for
         a spectrum known to be separated at the top.
     v0 : array of shape (n,), optional
