@@ -16,7 +16,7 @@ stability). This bench measures both effects on the benchmark spectra of
   or not resolved from its neighbours, at the stop);
 - ``matvecs``: the mean number of products.
 
-pycurv runs at its defaults (no convergence declared before 16 products, ``min_matvecs``)
+pycurv runs at its defaults (no convergence declared before 12 products, ``min_matvecs``)
 and with ``min_matvecs=0``, which stops at the first passing test.
 
 Every solver gets the same operator (``SpectrumOperator``, n = 2000 by default) and the

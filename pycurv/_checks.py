@@ -73,7 +73,7 @@ def check_tol(tol) -> float:
 # Products before convergence may be declared, by default: fewer Krylov dimensions cannot
 # tell an isolated top eigenvalue from a cluster (bench/RESULTS.md, "How often each stopping
 # rule returns lambda_1"). ARPACK's first check comes after ncv (20) products.
-MIN_MATVECS = 16
+MIN_MATVECS = 12
 
 
 def check_min_matvecs(min_matvecs, n: int, max_matvecs: int) -> int:

@@ -101,14 +101,14 @@ def lanczos(
         Budget of products for the Lanczos steps (default ``max(1000, 30 ncv)``).
         The final residual check adds up to k products.
     min_matvecs : int, optional
-        Products before convergence may be declared (default ``min(16, n,
+        Products before convergence may be declared (default ``min(12, n,
         max_matvecs)``). A Krylov space of fewer dimensions cannot yet tell an
         isolated top eigenvalue from a cluster (the top of a Hessian at the
         edge of stability), and its Ritz value settles on the cluster's with a
         small residual: on the benchmark spectra, stopping at the first
         passing test returned a value further than ``tol`` from lambda_1 for up
         to 42% of random starts (``criterion="residual"``) and 96%
-        (``"eigenvalue"``); from 16 products on, for at most 8%, by at most
+        (``"eigenvalue"``); from 12 products on, for at most 10%, by at most
         2 tol, as ARPACK (10%, 1.8 tol; bench/RESULTS.md). A random start's Krylov space that
         is exhausted early (an operator of low rank) is exact and ends the run sooner. Lower it only for
         a spectrum known to be separated at the top.

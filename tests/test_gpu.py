@@ -132,9 +132,9 @@ def test_eigenvalue_criterion_stops_where_the_cpu_does():
     np.testing.assert_allclose(gpu.eigenvalues, cpu.eigenvalues, rtol=1e-12, atol=0)
     assert abs(gpu.eigenvalues[0] - 10.0) <= 1e-10 * 10.0
     # min_matvecs reaches the device's state too: without it both stop at the same earlier product
-    early = dict(tol=1e-6, seed=3, min_matvecs=0)
+    early = dict(tol=1e-3, seed=3, min_matvecs=0)
     gpu0, cpu0 = pycurv.lanczos(HostMatrixOnGpu(a), 1, **early), pycurv.lanczos(a, 1, **early)
-    assert gpu0.n_matvecs == cpu0.n_matvecs < 16
+    assert gpu0.n_matvecs == cpu0.n_matvecs < 12
 
 
 def test_thick_restarts_same_eigenvalues_as_cpu():
