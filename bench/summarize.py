@@ -282,20 +282,26 @@ def products_table(benches):
     return "\n".join(out)
 
 
+def _per_round(values):
+    """One figure when every round agrees, else each round's."""
+    return str(values[0]) if len(set(values)) == 1 else ", ".join(str(v) for v in values)
+
+
 def ratios_table(benches):
     """test_bench_peers.py::test_time_ratios: median seconds and median per-round ratios."""
     rows = [b["extra_info"] for b in benches if "ratio_model" in b["extra_info"]]
     if not rows:
         return ""
-    out = ["| model | run | seconds per round | median s | HVPs | rel. error | pycurv (λ1 to 1e-4) / run |",
+    out = ["| model | run | seconds per round | median s | HVPs | rel. error | pycurv (λ1 to 1e-4) / run "
+           "(PyHessian in eval mode: pycurv-eval / run) |",
            "|---|---|---|---|---|---|---|"]
     for e in rows:
         for k in e["keys"]:
             r = e["median_ratio_to_pycurv"].get(k)
             errs = [x for x in e["relative_error"][k] if x is not None]
             out.append(f"| {e['ratio_model']} | {k} | {', '.join(f'{s:.2f}' for s in e['seconds'][k])} | "
-                       f"{e['median_seconds'][k]:.2f} | {e['hvps'][k][0]} | "
-                       f"{max(errs):.1e} | {'–' if r is None else f'**{1 / r:.2f}**'} |")
+                       f"{e['median_seconds'][k]:.2f} | {_per_round(e['hvps'][k])} | "
+                       f"{max(errs):.1e} | {'–' if r is None or r != r else f'**{1 / r:.2f}**'} |")
     return "\n".join(out)
 
 

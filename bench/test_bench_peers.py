@@ -625,11 +625,14 @@ if __name__ != "__main__":
         """Total seconds of pycurv and of PyHessian and scipy at tol=1e-4, ROUNDS rounds, each round's runs
         in a rotated order (one fresh process per run): the machine's load moves all of them alike, and the
         medians of the per-round ratios are what RESULTS.md quotes. PyHessian on the convnet is kept in
-        train mode, so that every run measures the same function."""
+        train mode, so that every run measures the same function; a second pair measures the convnet's
+        eval-mode loss, PyHessian's default, with both tools (its ratio is to pycurv-eval)."""
         if model_name.startswith("gpt2"):
             pytest.importorskip("transformers")
         ref = _reference(model_name)
         runs = [("pyhessian-train" if t == "pyhessian" and model_name == "convnet" else t, c) for t, c in RATIO_RUNS]
+        if model_name == "convnet":  # and both on the eval-mode loss, the function PyHessian measures by default
+            runs += [("pycurv-eval", EIG_CONFIG), ("pyhessian", "tol=1e-4")]
         rounds = []
 
         def measure():
@@ -643,6 +646,10 @@ if __name__ != "__main__":
         seconds = {k: [rd[k].get("seconds", float("nan")) for rd in rounds] for k in keys}
         base = keys[0]
         ratios = {k: float(np.median([rd[k]["seconds"] / rd[base]["seconds"] for rd in rounds])) for k in keys[1:]}
+        if model_name == "convnet":  # the eval-mode pair: PyHessian against pycurv on the same function
+            ev, ph = f"pycurv-eval {EIG_CONFIG}", "pyhessian tol=1e-4"
+            ratios[ph] = float(np.median([rd[ph]["seconds"] / rd[ev]["seconds"] for rd in rounds]))
+            ratios[ev] = float("nan")
         benchmark.extra_info.update(
             ratio_model=model_name, rounds=ROUNDS, keys=keys, seconds=seconds,
             median_seconds={k: float(np.median(v)) for k, v in seconds.items()},
