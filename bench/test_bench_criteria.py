@@ -3,8 +3,9 @@
 A Krylov solver sees the spectrum through the Ritz values of the space it has built. The
 residual r = |A y - theta y| proves that *some* eigenvalue lies within r of theta; whether
 it is lambda_1 depends on the space having resolved the top of the spectrum.
-``criterion="eigenvalue"`` goes further and estimates the error as r^2 / gap, with the gap
-read off the other Ritz values: it stops earlier, and it is optimistic wherever eigenvalues
+``criterion="eigenvalue"`` goes further and estimates the error as r^2 / gap (for lambda_1,
+Lehmann's sharper bound under the same assumption), with the gap read off the other Ritz
+values: it stops earlier, and it is optimistic wherever eigenvalues
 closer than the gap are still unresolved (a cluster at the top, as at the edge of
 stability). This bench measures both effects on the benchmark spectra of
 ``pycurv.testing`` plus two clustered tops, over many random starts:

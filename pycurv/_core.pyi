@@ -64,7 +64,7 @@ class LanczosState:
     def residuals(self) -> np.ndarray:
         """Residual norms of the wanted Ritz pairs (after DONE)."""
     def error_bounds(self) -> np.ndarray:
-        """Estimated eigenvalue errors min(r, r^2/gap) of the final pairs (see LanczosResult.error_bounds)."""
+        """Estimated eigenvalue errors of the final pairs: min(r, r^2/gap), Lehmann's bound for the extreme one (see LanczosResult.error_bounds)."""
     def current_values(self) -> np.ndarray:
         """The wanted Ritz values now (progress, at STEP)."""
     def current_residuals(self) -> np.ndarray:

@@ -127,7 +127,7 @@ def collect(state, timing: dict, *, which: str, tol: float, ncv: int, seed: int,
     vecs = None
     if want_vectors:
         vecs = as_array(state.eigenvectors()).T  # (n, k), column i <-> eigenvalue i
-    bounds = np.asarray(state.error_bounds(), dtype=np.float64)  # min(r, r**2 / gap), as the core stops on
+    bounds = np.asarray(state.error_bounds(), dtype=np.float64)  # what the core's eigenvalue criterion stops on
     rel = _relative(res, values, anorm)
     message = _message(status, rel, tol, max_matvecs, float(state.noise_level), int(state.n_matvecs), exact=exact)
     if criterion == "eigenvalue" and status in ("converged", "max_matvecs"):

@@ -86,9 +86,15 @@ def lanczos(
         ``min(r, r**2 / gap) <= tol * max(|theta|, ||A||_est)`` (``error_bounds``
         of the result), for an eigenvalue to ``tol`` relative accuracy: its
         error falls as the square of the residual, so it stops many products
-        earlier. ``gap`` is the distance to the nearest other Ritz value, which
-        stands in for the distance to the rest of the spectrum: an eigenvalue
-        the Krylov space has not resolved yet and that lies closer can make the
+        earlier. ``gap`` is the distance to the nearest other Ritz value less
+        that value's residual, which stands in for the distance to the rest of
+        the spectrum. For the extreme Ritz value of the basis (lambda_1 of
+        ``"LA"``) the estimate is Lehmann's bound under that same assumption
+        (no eigenvalue but the one it approximates beyond the gap): it also
+        uses the other Ritz pairs, is never above ``r**2 / gap`` and is
+        rigorous wherever the assumption holds (about half of ``r**2 / gap``
+        on a BatchNorm convnet). An eigenvalue the Krylov space has not
+        resolved yet and that lies closer than the gap can make either
         estimate optimistic (the residual bound is rigorous for the eigenvalue
         nearest the Ritz value, which is lambda_1 once the Krylov space has
         resolved the top of the spectrum: see ``min_matvecs``). The

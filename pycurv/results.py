@@ -44,7 +44,9 @@ class LanczosResult:
         Estimated eigenvalue error ``min(r, r**2 / gap)`` (``r`` is a rigorous
         bound; ``gap``, standing in for the distance to the rest of the
         spectrum, is the distance to the nearest other Ritz value less that
-        value's residual, so an unconverged neighbour leaves ``r``).
+        value's residual, so an unconverged neighbour leaves ``r``); for the
+        extreme Ritz value of the basis, Lehmann's bound under the same
+        assumption (never larger; see :func:`pycurv.lanczos`'s ``criterion``).
     n_matvecs : int
         Products with A, including those of the final residual check.
     converged : bool

@@ -284,6 +284,69 @@ def test_eigenvalue_criterion_stops_earlier_at_the_same_accuracy():
     assert abs(by_res.eigenvalues[0] - 10.0) <= 1e-10 * 10.0
 
 
+def _lanczos_tridiagonal(a, v0, m):
+    """m steps of Lanczos with full reorthogonalisation, in NumPy: T_m and beta_m."""
+    n = a.shape[0]
+    q = np.zeros((m + 1, n))
+    t = np.zeros((m, m))
+    q[0] = v0 / np.linalg.norm(v0)
+    beta = 0.0
+    for j in range(m):
+        w = a @ q[j]
+        for _ in range(2):
+            w -= q[: j + 1].T @ (q[: j + 1] @ w)
+        t[j, j] = q[j] @ (a @ q[j])
+        beta = np.linalg.norm(w)
+        q[j + 1] = w / beta
+        if j + 1 < m:
+            t[j, j + 1] = t[j + 1, j] = beta
+    return t, beta
+
+
+def _lehmann_reference(t, beta):
+    """The top Ritz value's error bound by Lehmann's theorem, as a generalised eigenproblem: with
+    rho = max_i (theta_i + r_i) over the others (the assumption: no eigenvalue but lambda_1 above it),
+    lambda_1 <= rho + 1/mu_max for the pencil (T - rho, (T - rho)^2 + beta^2 e e^T); never above the
+    residual r. Also Kato-Temple's min(r, r^2/gap) and rho."""
+    import scipy.linalg
+
+    theta, s = np.linalg.eigh(t)
+    r = beta * np.abs(s[-1])
+    gap = np.min(theta[-1] - theta[:-1] - r[:-1])
+    rho = theta[-1] - gap
+    if gap <= 0:  # no gap to assume: the residual
+        return theta[-1], r[-1], r[-1], rho
+    a0 = t - rho * np.eye(len(t))
+    a1 = a0 @ a0
+    a1[-1, -1] += beta**2
+    mu = scipy.linalg.eigh(a0, a1, eigvals_only=True)[-1]
+    return theta[-1], min(r[-1], rho + 1.0 / mu - theta[-1]), min(r[-1], r[-1] ** 2 / gap), rho
+
+
+@pytest.mark.parametrize("name,which", [("gapped", "LA"), ("clustered_top", "LA"), ("dominant_negative", "SA")])
+@pytest.mark.parametrize("m", [6, 10, 14, 20])
+def test_eigenvalue_error_bound_is_lehmanns(name, which, m):
+    """The extreme Ritz value's error bound: Lehmann's, under the same assumption as Kato-Temple's r^2/gap
+    and never above it; a rigorous bound on the error wherever the assumption holds."""
+    n = 300
+    lam = {"gapped": np.r_[10.0, 9.8, _linspace(-3.0, 9.5, n - 2)],
+           "clustered_top": np.r_[6.0, 5.9, 5.8, 5.5, np.random.default_rng(3).standard_normal(n - 4)],
+           "dominant_negative": np.r_[-5.0, -4.6, _linspace(-4.2, 2.0, n - 2)]}[name]
+    a = dense(lam, seed=2)
+    v0 = np.random.default_rng(m).standard_normal(n)
+    with pytest.warns(pycurv.ConvergenceWarning):  # stopped by max_matvecs before any tol this small
+        res = pycurv.lanczos(a, 1, which=which, v0=v0, tol=1e-13, max_matvecs=m, min_matvecs=m,
+                             criterion="eigenvalue")
+    sign = 1.0 if which == "LA" else -1.0  # the bottom of A is the top of -A
+    theta, bound, temple, rho = _lehmann_reference(*_lanczos_tridiagonal(sign * a, v0, m))
+    assert res.n_matvecs == m and abs(sign * res.eigenvalues[0] - theta) <= 1e-12 * np.abs(lam).max()
+    assert bound * (1 - 1e-9) <= res.error_bounds[0] <= bound * (1 + 2e-3)  # bisected to 1e-3, from above
+    assert res.error_bounds[0] <= temple * (1 + 1e-9)
+    top = np.sort(sign * lam)[::-1]
+    if rho >= top[1]:  # the assumption holds: lambda_1 is within the bound
+        assert 0.0 <= top[0] - theta <= res.error_bounds[0] * (1 + 1e-9) + 1e-13 * top[0]
+
+
 def test_criterion_is_checked():
     with pytest.raises(ValueError, match="criterion must be 'residual' or 'eigenvalue', got criterion='ritz'"):
         pycurv.lanczos(np.eye(3), 1, criterion="ritz")
