@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -41,6 +43,57 @@ def test_batch_norm_eval_and_batch_statistics_differ():
     a = pt.hessian(model, F.cross_entropy, batch, mode="eval").matvec(v)
     b = pt.hessian(model, F.cross_entropy, batch).matvec(v)  # the default: the training loss
     assert _rel(a, b) > 1e-3
+
+
+@pytest.mark.parametrize("shape", [(12, 5), (6, 5, 7), (4, 5, 3, 6), (3, 5, 2, 3, 4)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_plain_batch_norm_is_torchs_function_with_its_derivatives(shape, affine):
+    """Batch statistics through plain operations (the operator's products on the CPU): the values, the
+    gradient and second derivatives of torch's kernel, in float64 for BatchNorm1d/2d/3d inputs."""
+    from pycurv.torch.operator import _PlainBatchNorm
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1).requires_grad_(True)
+    c = shape[1]
+    w = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).requires_grad_(True) if affine else None
+    b = torch.randn(c, generator=g, dtype=torch.float64).requires_grad_(True) if affine else None
+    u = torch.randn(shape, generator=g, dtype=torch.float64)
+    leaves = [t for t in (x, w, b) if t is not None]
+    tangents = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in leaves]
+
+    def derivatives(plain):
+        running = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+        with _PlainBatchNorm() if plain else contextlib.nullcontext():
+            out = F.batch_norm(x, *running, w, b, training=True, momentum=0.1, eps=1e-3)
+        grads = torch.autograd.grad((torch.tanh(out) * u).sum(), leaves, create_graph=True)
+        hvp = torch.autograd.grad(grads, leaves, grad_outputs=tangents)
+        return [out] + list(grads) + list(hvp), running
+
+    (plain, running), (native, _) = derivatives(True), derivatives(False)
+    for p_, n_ in zip(plain, native):
+        p_, n_ = p_.detach(), n_.detach()
+        assert torch.allclose(p_, n_, rtol=1e-12, atol=1e-12 * float(n_.abs().max()))
+    assert torch.equal(running[0], torch.zeros(c, dtype=torch.float64))  # nothing written
+
+
+def test_plain_batch_norm_leaves_everything_else_to_torch():
+    from pycurv.torch.operator import _PlainBatchNorm
+
+    x = torch.randn(8, 3, 4, 4)
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    with _PlainBatchNorm():  # running statistics (eval mode) and low precision: torch's own kernel, bit for bit
+        evaluated = F.batch_norm(x, rm, rv, training=False)
+        low = F.batch_norm(x.bfloat16(), None, None, training=True)
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            F.batch_norm(torch.randn(1, 3), None, None, training=True)
+    assert torch.equal(evaluated, F.batch_norm(x, rm, rv, training=False))
+    assert torch.equal(low, F.batch_norm(x.bfloat16(), None, None, training=True))
+    model = tm.bn_mlp()
+    batch = tm.classification_batches([10])[0]
+    assert pt.hessian(model, F.cross_entropy, batch)._plain_batch_norm
+    assert pt.hessian(model, F.cross_entropy, batch, mode="train")._plain_batch_norm
+    assert not pt.hessian(model, F.cross_entropy, batch, mode="eval")._plain_batch_norm
+    assert not pt.hessian(tm.mlp_tanh(), F.cross_entropy, batch)._plain_batch_norm
 
 
 def test_dropout_in_train_mode_is_caught_by_the_probe():
