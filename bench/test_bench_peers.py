@@ -5,8 +5,8 @@ top Hessian eigenvalue in the way its documentation shows:
 
 - ``pycurv``: ``pycurv.lanczos(pycurv.torch.hessian(model, loss_fn, (x, y)), 1, seed=0)``
   (what ``pycurv.sharpness`` runs; ``max_matvecs`` set to the bench's product cap). HVPs
-  are ``H.n_hvps``: every product, the determinism probe's second one and the final
-  residual check included (``n_matvecs`` in the JSON leaves the probe's out).
+  are ``H.n_hvps``: every product (the determinism probe now evaluates the loss once
+  more instead of a product; a final residual check, where one is made, included).
 - ``pyhessian``: ``hessian(model, loss_fn, data=(x, y), cuda=False).eigenvalues(top_n=1)``,
   power iteration: the largest-*magnitude* eigenvalue, stopped when two successive
   estimates agree to ``tol`` (default 1e-3, ``maxIter`` 100). It calls ``model.eval()``:

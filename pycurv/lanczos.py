@@ -79,7 +79,11 @@ def lanczos(
         ``64 * sqrt(n) * 2**-53`` the recurrence's residual estimate cannot
         certify it, so it is confirmed with ``A y`` computed (k more
         products); where float64 rounding keeps it out of reach the status is
-        ``"noise_floor"``.
+        ``"noise_floor"``. For an operator that is not ``exact`` (low-precision
+        products, a plain callable) the residual also counts the Gram-Schmidt
+        coefficients of its products that the recurrence leaves out (their
+        rounding and asymmetry): it bounds the residual of the products made,
+        and ``A y`` is computed only where that bound does not pass.
     criterion : {"residual", "eigenvalue"}
         What ``tol`` bounds. ``"residual"`` (default, as ARPACK): the relative
         residual above. ``"eigenvalue"``: the estimated eigenvalue error
@@ -105,7 +109,7 @@ def lanczos(
         when k >= n - 1).
     max_matvecs : int, optional
         Budget of products for the Lanczos steps (default ``max(1000, 30 ncv)``).
-        The final residual check adds up to k products.
+        A final residual check, where one is needed, adds up to k products.
     min_matvecs : int, optional
         Products before convergence may be declared (default ``min(12, n,
         max_matvecs)``). A Krylov space of fewer dimensions cannot yet tell an

@@ -62,7 +62,10 @@ class Operator:
 
     Subclasses set ``shape`` and ``dtype`` and implement ``matvec``. ``exact``
     is True when ``matvec`` is float64 arithmetic on a stored matrix, so the
-    solver's residual estimates need no confirmation with extra products.
+    solver's residual estimates need no confirmation. For other operators the
+    residuals also count the Gram-Schmidt coefficients of the products that
+    the Lanczos recurrence leaves out (their rounding and asymmetry), and are
+    confirmed with extra products only where those cannot vouch for ``tol``.
     ``device`` says where the vectors live (``"cpu"`` or ``"cuda:N"``) and, on
     a GPU, ``framework`` which array type ``matvec`` takes: ``"torch"``,
     ``"cupy"``, ``"jax"`` or None (``pycurv._cuda.DeviceArray``). On a GPU,

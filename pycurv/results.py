@@ -39,7 +39,9 @@ class LanczosResult:
         Unit Ritz vectors, column i for eigenvalue i (None unless requested).
     residual_norms : (k,) float64
         ``||A y - theta y||`` of each pair: computed with an extra product when
-        ``residuals_explicit`` is True, else the (rigorous) recurrence bound.
+        ``residuals_explicit`` is True, else the (rigorous) recurrence bound;
+        for an operator that is not ``exact``, with the Gram-Schmidt
+        coefficients of its products that the recurrence leaves out counted in.
     error_bounds : (k,) float64
         Estimated eigenvalue error ``min(r, r**2 / gap)`` (``r`` is a rigorous
         bound; ``gap``, standing in for the distance to the rest of the
@@ -48,7 +50,7 @@ class LanczosResult:
         extreme Ritz value of the basis, Lehmann's bound under the same
         assumption (never larger; see :func:`pycurv.lanczos`'s ``criterion``).
     n_matvecs : int
-        Products with A, including those of the final residual check.
+        Products with A, including those of a final residual check.
     converged : bool
         True only if every residual (every error bound with
         ``criterion="eigenvalue"``) meets ``tol * max(|theta|, ||A||_est)``.

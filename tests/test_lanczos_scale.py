@@ -64,9 +64,10 @@ def test_diagonal_operator_at_every_scale(s):
     assert res.converged, res.message
     assert res.eigenvalues[0] == pytest.approx(s, rel=1e-12, abs=0)
     assert_honest(a, res, 1e-6)
-    # the same through a callable (explicit residuals) and through sharpness
+    # the same through a callable (residuals from its products' Gram-Schmidt coefficients) and through sharpness
     res_f = pycurv.lanczos(lambda v: a @ v, n=100, seed=0)
-    assert res_f.converged and res_f.residuals_explicit
+    assert res_f.converged and not res_f.residuals_explicit and res_f.n_matvecs == res.n_matvecs
+    assert_honest(a, res_f, 1e-6)
     assert res_f.eigenvalues[0] == pytest.approx(s, rel=1e-12, abs=0)
     assert_honest(a, res_f, 1e-6)
     assert pycurv.sharpness(lambda v: a @ v, n=100, seed=0) == pytest.approx(s, rel=1e-12, abs=0)
@@ -211,3 +212,39 @@ def test_start_vector_for_a_sharded_basis_is_scaled_as_a_whole():
     ref = pycurv.lanczos(lambda v: a @ v, n=60, tol=1e-10, v0=v0, seed=0)
     assert res.converged and res.n_matvecs == ref.n_matvecs
     np.testing.assert_allclose(res.eigenvalues, ref.eigenvalues, rtol=1e-13)
+
+
+# ---- residuals from the products' Gram-Schmidt coefficients ---------------------------
+
+
+def _not_quite_symmetric(n: int, eps: float) -> np.ndarray:
+    """A symmetric matrix plus eps times a Gaussian one: the error of a low-precision product, made exact."""
+    a = dense(np.r_[np.linspace(-1.0, 1.0, n - 2), 1.5, 2.0], seed=0)
+    return a + eps * np.random.default_rng(1).standard_normal((n, n))
+
+
+@pytest.mark.parametrize("ncv", [None, 8])
+@pytest.mark.parametrize("criterion", ["residual", "eigenvalue"])
+def test_residuals_from_the_products_coefficients_bound_the_true_ones(ncv, criterion):
+    """An operator of unknown precision that is not exactly symmetric: converged without a product to check,
+    its reported residuals bound the true ones (to float64 rounding), across restarts too."""
+    a = _not_quite_symmetric(300, 1e-7)
+    res = pycurv.lanczos(lambda v: a @ v, 2, n=300, tol=1e-5, seed=1, ncv=ncv, criterion=criterion,
+                         check_multiplicity=False)
+    assert res.converged and not res.residuals_explicit, res.message
+    assert (res.n_restarts > 0) == (ncv is not None)
+    true = _true_residuals(a, res)
+    rounding = 100 * EPS * np.sqrt(300) * np.max(np.abs(np.linalg.eigvals(a)))
+    assert np.all(true <= res.residual_norms + rounding), (true, res.residual_norms)
+    sym = pycurv.lanczos((a + a.T) / 2, 2, tol=1e-5, seed=1, ncv=ncv, criterion=criterion, check_multiplicity=False)
+    assert sym.n_matvecs == res.n_matvecs  # no product spent on checking
+
+
+def test_products_too_far_from_symmetric_are_still_checked_with_a_product():
+    """Where the coefficients cannot vouch for tol (asymmetry above it), A y is computed, as before."""
+    a = _not_quite_symmetric(300, 1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pycurv.ConvergenceWarning)
+        res = pycurv.lanczos(lambda v: a @ v, 1, n=300, tol=1e-6, seed=1)
+    assert res.residuals_explicit
+    assert np.all(_true_residuals(a, res) <= res.residual_norms * (1 + 1e-6))
