@@ -445,6 +445,8 @@ class Lanczos {
       const double comp = h_[L_ + c] + (pass2_value(L_ + c));
       asym_ = std::max(asym_, std::fabs(comp - coup_[c]));
       E(c, a) = comp - coup_[c];
+      e_sum2_ += E(c, a) * E(c, a);
+      ++e_count_;
       T(c, a) = coup_[c];
       T(a, c) = coup_[c];
     }
@@ -889,8 +891,14 @@ class Lanczos {
   // does not, with locked vectors, at a noise floor and for a tolerance below
   // what the recurrence certifies. (Without a third Gram-Schmidt pass the
   // second projection stays in f: below 64 eps of it, float64 rounding.)
+  // The bound is for the products made; a fresh product of y carries an
+  // error of its own, of about sqrt(n) times the typical entry of E (each is
+  // a product's error along one basis direction). Where that estimate is
+  // above a tenth of the tolerance, the check is made with A y computed, and
+  // the noise floor is found as before.
   bool bounded_by_coefficients() {
     if (L_ != 0 || stagnated_ || o_.tol < tol_est_) return false;
+    const double fresh = e_count_ > 0 ? std::sqrt(static_cast<double>(o_.n_global) * e_sum2_ / e_count_) : 0.0;
     const double carried = std::sqrt(carried2_);
     std::vector<double> r(wanted_.size());
     for (size_t i = 0; i < wanted_.size(); ++i) {
@@ -902,7 +910,8 @@ class Lanczos {
         es2 += x * x;
       }
       r[i] = std::sqrt(cand_rho(w) * cand_rho(w) + es2) + carried;
-      if (!(tested_error(w, r[i]) <= o_.tol * scale_of(cand_value(w)))) return false;
+      const double thr = o_.tol * scale_of(cand_value(w));
+      if (!(fresh <= 0.1 * thr && tested_error(w, r[i]) <= thr)) return false;
     }
     xres_ = r;
     finish(Status::Converged, true);
@@ -1046,6 +1055,8 @@ class Lanczos {
   double anorm_ = 0.0, asym_ = 0.0, h2_ratio_ = 0.0, noise_ = 0.0;
   std::vector<double> E_;  // the products' Gram-Schmidt coefficients outside T (bounded_by_coefficients)
   double carried2_ = 0.0;  // ||E||_F^2 dropped from the basis by restarts and locks
+  double e_sum2_ = 0.0;    // every entry of E recorded, squared and summed, and their number
+  int64_t e_count_ = 0;
   double est_safety_ = 1.0;
   double best_res_ = INFINITY;
   int64_t best_res_at_ = 0;
