@@ -186,9 +186,12 @@ def test_steady_state_products(benchmark, name):
     n = H.shape[0]
     rng = np.random.default_rng(0)
     warm = rng.standard_normal(n)
-    ref = H.matvec(warm)  # builds pycurv's graph; the comparison below is in steady state
-    for f in (Hf.matvec, hw.plain, hw.cached):
-        assert np.linalg.norm(f(warm) - ref) <= 1e-4 * np.linalg.norm(ref)  # the same product, up to float32
+    H.matvec(warm)  # builds pycurv's graph; the comparison below is in steady state
+    # The same product, up to float32: each within 1% of the float64 one (on the convnet at its
+    # initialisation float32's own error is 1.5e-3 with torch's batch-norm kernel, 5e-4 with pycurv's).
+    ref = pt.hessian(model, loss_fn, data, check_determinism=False, dtype="float64").matvec(warm)
+    for f in (H.matvec, Hf.matvec, hw.plain, hw.cached):
+        assert np.linalg.norm(f(warm) - ref) <= 1e-2 * np.linalg.norm(ref)
     ways = {"pycurv": H.matvec, "pycurv forward": Hf.matvec, "double backward": hw.plain,
             "cached double backward": hw.cached}
     times = {k: [] for k in ways}
