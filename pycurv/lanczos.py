@@ -117,7 +117,7 @@ def lanczos(
         edge of stability), and its Ritz value settles on the cluster's with a
         small residual: on the benchmark spectra, stopping at the first
         passing test returned a value further than ``tol`` from lambda_1 for up
-        to 42% of random starts (``criterion="residual"``) and 96%
+        to 42% of random starts (``criterion="residual"``) and 98%
         (``"eigenvalue"``); from 12 products on, for at most 10%, by at most
         2 tol, as ARPACK (10%, 1.8 tol; bench/RESULTS.md). A random start's Krylov space that
         is exhausted early (an operator of low rank) is exact and ends the run sooner. Lower it only for
